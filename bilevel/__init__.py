@@ -1,0 +1,1 @@
+"""Generic bi-level engine: hypergradient estimators, aggregators and the bi-level step."""

@@ -1,0 +1,1 @@
+"""Wiring of the toolkit: the runner, presets, evaluation, tables and benchmarks."""

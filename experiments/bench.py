@@ -1,0 +1,30 @@
+"""Benchmarks, measured side by side in one run: ``python experiments/bench.py {metrics,bilevel,nets} [...]``.
+
+Each section lives in its own module (``experiments/bench_<section>.py``) with a ``main(argv)`` function,
+so sections can be run alone and added without touching the others. Speed targets live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+SECTIONS = ("metrics", "bilevel", "nets")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"sections: {', '.join(SECTIONS)}; 'python experiments/bench.py SECTION --help' for options")
+        return
+    section, rest = argv[0], argv[1:]
+    if section not in SECTIONS:
+        raise SystemExit(f"unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    importlib.import_module(f"experiments.bench_{section}").main(rest)
+
+
+if __name__ == "__main__":
+    main()

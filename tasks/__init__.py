@@ -1,0 +1,1 @@
+"""Learnable constraint networks (critic, segmentation, detection) with their losses and evaluation."""
