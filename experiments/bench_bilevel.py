@@ -1,0 +1,277 @@
+"""Bi-level step benchmark: ``python experiments/bench.py bilevel [--size 64 --batch 2 --iters 5 ...]``.
+
+Times, side by side in one run on whatever device is present, BDL's DRDB fusion net with two constraints
+(the pixel critic and a U-Net/ResNet-18 segmenter, ``encoder_weights=None``):
+
+* ``joint``: a single-level step — one fusion forward, critic loss on the detached image plus the generator
+  and segmentation losses on the image, one backward over everything, one step of each optimiser;
+* ``bilevel`` with ``gn`` on the image path (the fast path): an iteration with an upper update
+  (``ul_every=1``) and a lower-only iteration; the BDL-schedule average is (9·lower-only + 1·full)/10;
+* ``gn`` on the parameter path (exact rows, one pass per constraint: the "naive" implementation);
+* ``unrolled`` K = 1 and K = 3 on the image path.
+
+Every configuration clips the upper gradient to norm 1. Per configuration it counts, per iteration, the
+lower-level optimiser updates, the upper updates and the fusion-net forwards (hooks), and reports the median
+time (configurations timed round-robin, so load drift hits all alike), its ratio to ``joint`` and, on CUDA,
+the peak memory.
+Synthetic RGB-T scenes (``fusion.synthetic``) supply the inputs and the masks; the LL and UL batches differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from bilevel import BilevelStep, Constraint
+from fusion.colour import to_image
+from fusion.datasets import collate_pairs, create_dataset
+from fusion.nets import create_fusion_net
+from tasks.registry import create_task
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("bench bilevel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64, help="square crop size (GPU target: 256)")
+    parser.add_argument("--batch", type=int, default=2, help="LL and UL batch size (GPU target: 8)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per configuration")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    parser.add_argument(
+        "--amp", choices=("none", "bf16"), default="none", help="autocast dtype (GPU target: bf16)"
+    )
+    parser.add_argument("--net", default="bdl", help="fusion net (bdl_tiny for a quick smoke run)")
+    parser.add_argument("--seg-encoder", default="resnet18")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def _batch(size: int, n: int, seed: int, device: torch.device) -> dict:
+    data = create_dataset("synthetic", root=None, split="train", size=size, length=n, seed=seed)
+    batch = collate_pairs([data[i] for i in range(n)])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _fused(net: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return to_image(net(batch["ir"], batch["vis"]), net.out_space, batch["vis"])
+
+
+class Counter:
+    """Counts fusion-net forwards and optimiser steps through hooks."""
+
+    def __init__(
+        self, net: torch.nn.Module, lower: list[torch.optim.Optimizer], upper: torch.optim.Optimizer
+    ):
+        self.forwards = self.lower = self.upper = 0
+        net.register_forward_hook(lambda *_: self._add("forwards"))
+        for opt in lower:
+            opt.register_step_post_hook(lambda *_: self._add("lower"))
+        upper.register_step_post_hook(lambda *_: self._add("upper"))
+
+    def _add(self, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+
+    def reset(self) -> None:
+        self.forwards = self.lower = self.upper = 0
+
+
+def build(args, device: torch.device, template: dict) -> dict:
+    """Fresh copies of the nets (same initial weights for every configuration) and their optimisers."""
+    net, critic, seg = (copy.deepcopy(template[k]) for k in ("net", "critic", "seg"))
+    opts = {
+        "net": torch.optim.SGD(net.parameters(), lr=1e-4),
+        "critic": torch.optim.SGD(critic.parameters(), lr=2e-4, momentum=0.9),
+        "seg": torch.optim.SGD(seg.parameters(), lr=2e-4, momentum=0.9),
+    }
+    counter = Counter(net, [opts["critic"], opts["seg"]], opts["net"])
+    constraints = [
+        Constraint("critic", critic, opts["critic"], critic.lower_loss, critic.upper_loss),
+        Constraint("seg", seg, opts["seg"], seg.lower_loss, seg.upper_loss),
+    ]
+    return {
+        "net": net,
+        "critic": critic,
+        "seg": seg,
+        "opts": opts,
+        "counter": counter,
+        "constraints": constraints,
+    }
+
+
+def joint_step(parts: dict, amp_dtype, ll: dict, ul: dict) -> Callable[[], None]:
+    """The single-level baseline: one forward, one backward over x and y, one step of every optimiser."""
+    net, critic, seg, opts = parts["net"], parts["critic"], parts["seg"], parts["opts"]
+    device_type = next(net.parameters()).device.type
+
+    def run() -> None:
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            z = _fused(net, ll).float()
+            loss = critic.lower_loss(z.detach(), ll)["loss"] + critic.upper_loss(z, ll)["loss"]
+            loss = loss + seg.upper_loss(z, ll)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+        for opt in opts.values():
+            opt.step()
+
+    return run
+
+
+def bilevel_step(parts: dict, amp_dtype, ll: dict, ul: dict, **kw) -> Callable[[], None]:
+    step = BilevelStep(
+        parts["net"],
+        parts["opts"]["net"],
+        _fused,
+        parts["constraints"],
+        amp_dtype=amp_dtype,
+        aggregate="gradnorm_softmax",
+        grad_clip=GRAD_CLIP,
+        **kw,
+    )
+    lls, uls = {"critic": ll, "seg": ll}, {"critic": ul, "seg": ul}
+
+    def run() -> None:
+        diag = step.step(lls, uls)
+        if diag["nonfinite"]:
+            raise RuntimeError(f"non-finite step in the benchmark: {diag}")
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    runs: dict[str, tuple[Callable[[], None], Counter]], device: torch.device, warmup: int, iters: int
+) -> dict[str, dict]:
+    """Round-robin timing: every round runs each configuration once, so load drift hits all of them alike."""
+    for _ in range(warmup):
+        for run, _ in runs.values():
+            run()
+    _sync(device)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _, counter in runs.values():
+        counter.reset()
+    peaks = {}
+    for _ in range(iters):
+        for label, (run, _) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times[label].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peaks[label] = max(peaks.get(label, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    return {
+        label: {
+            "time": statistics.median(times[label]),
+            "min": min(times[label]),
+            "lower": counter.lower / iters,
+            "upper": counter.upper / iters,
+            "forwards": counter.forwards / iters,
+            "peak_gib": peaks.get(label, float("nan")),
+        }
+        for label, (_, counter) in runs.items()
+    }
+
+
+# Clip the upper gradient in every configuration: second-order terms through batch-norm layers that see very
+# few values (a ResNet-18 stage at 2×2 pixels × batch 2) can be huge at benchmark sizes.
+GRAD_CLIP = 1.0
+
+CONFIGS: list[tuple[str, str, dict]] = [
+    ("joint (single-level)", "joint", {}),
+    ("bi-level gn, image path, with UL update", "bilevel", dict(hypergrad="gn", ul_every=1)),
+    ("bi-level gn, lower-only iteration", "bilevel", dict(hypergrad="gn", ul_every=10**9)),
+    (
+        "bi-level gn, param path (per-constraint passes), with UL",
+        "bilevel",
+        dict(hypergrad="gn", path="param"),
+    ),
+    (
+        "bi-level unrolled K=1, image path, with UL",
+        "bilevel",
+        dict(hypergrad="unrolled", hypergrad_options={"steps": 1}),
+    ),
+    (
+        "bi-level unrolled K=3, image path, with UL",
+        "bilevel",
+        dict(hypergrad="unrolled", hypergrad_options={"steps": 3}),
+    ),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    torch.manual_seed(0)
+    template = {
+        "net": create_fusion_net(args.net).to(device),
+        "critic": create_task("critic").to(device),
+        "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder).to(device),
+    }
+    ll = _batch(args.size, args.batch, seed=1, device=device)
+    ul = _batch(args.size, args.batch, seed=2, device=device)
+    runs = {}
+    for label, kind, kw in CONFIGS:
+        parts = build(args, device, template)
+        run = (
+            joint_step(parts, amp_dtype, ll, ul)
+            if kind == "joint"
+            else bilevel_step(parts, amp_dtype, ll, ul, **kw)
+        )
+        runs[label] = (run, parts["counter"])
+    results = measure(runs, device, args.warmup, args.iters)
+    joint = results["joint (single-level)"]["time"]
+    full = results["bi-level gn, image path, with UL update"]["time"]
+    lower_only = results["bi-level gn, lower-only iteration"]["time"]
+    bdl_avg = (9 * lower_only + full) / 10
+
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or 'x86'}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"bilevel step benchmark — {dev}, torch {torch.__version__}, net {args.net}, "
+        f"seg Unet/{args.seg_encoder}, {args.size}×{args.size}, batch {args.batch}, amp {args.amp}, "
+        f"median of {args.iters} (warm-up {args.warmup})"
+    )
+    print()
+    print(
+        "| configuration | median ms / iter | min ms | × joint | LL updates / iter | UL updates / iter "
+        "| fusion forwards / iter | peak GiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, r in results.items():
+        peak = "—" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"
+        print(
+            f"| {label} | {1e3 * r['time']:.1f} | {1e3 * r['min']:.1f} | {r['time'] / joint:.2f} | "
+            f"{r['lower']:g} | {r['upper']:g} | {r['forwards']:g} | {peak} |"
+        )
+    print(
+        f"| BDL schedule average (9 lower-only + 1 full) / 10 | {1e3 * bdl_avg:.1f} | | "
+        f"{bdl_avg / joint:.2f} "
+        f"| 2 | 0.1 | | |"
+    )
+    print()
+    print(
+        "Unrolled K also runs K differentiable (virtual) inner steps per constraint inside the hypergradient;"
+    )
+    print("they are not optimiser updates and are not counted above.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Fuse a folder of infrared/visible pairs with a trained checkpoint.
+
+    python experiments/fuse.py --checkpoint outputs/seg/<run>/checkpoints/best.pt \\
+        --ir ../shared/data/vifb/ir --vi ../shared/data/vifb/vi --out fused/ours
+
+Pairs are matched by file stem (``fusion.image_io.match_pairs``). The net sees the IR image and the visible
+image as stored; a luminance output gets its colour back from the visible image (``fusion.colour.to_image``,
+exact BT.601 inverse, clamped to [0, 1]) and is saved as an 8-bit PNG ``<out>/<stem>.png`` (no hidden
+rescaling). Only new files are written: an output that already exists is an error before anything is fused.
+Any checkpoint of ``experiments/run.py`` works, full or stripped (``--strip`` writes a stripped copy).
+Score the results with ``experiments/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from experiments.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
+
+__all__ = ["load_fusion_net", "fuse_pair", "main"]
+
+
+def load_fusion_net(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the fusion net of a checkpoint (``create_fusion_net(net.name, **net.kwargs)``), load strictly."""
+    from fusion.nets.registry import create_fusion_net
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    net = create_fusion_net(ckpt["net"]["name"], **ckpt["net"]["kwargs"])
+    net.load_state_dict(ckpt["model"], strict=True)
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def fuse_pair(net: torch.nn.Module, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """(1,H,W) IR + (C,H,W) visible in [0, 1] → fused (C,H,W) in [0, 1] in the visible image's mode."""
+    from fusion.colour import to_image
+    from fusion.nets.registry import fused_output
+
+    device = next(net.parameters()).device
+    ir, vis = ir[None].to(device), vis[None].to(device)
+    raw, _ = fused_output(net(ir, vis))
+    return to_image(raw.float(), net.out_space, vis)[0].cpu()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fuse a folder of IR/visible pairs with a trained checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint of experiments/run.py (full or stripped)")
+    p.add_argument("--ir", required=True, help="folder of infrared images")
+    p.add_argument("--vi", required=True, help="folder of visible images (same stems)")
+    p.add_argument("--out", required=True, help="output folder (created; existing files are never replaced)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--size-policy", default="error", choices=("error", "resize", "crop"),
+                   help="what to do when the two images of a pair differ in size")
+    p.add_argument("--strip", help="also write an inference-only copy of the checkpoint to this path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fusion.image_io import ImagePairError, match_pairs, read_pair, save_image
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        pairs = match_pairs(args.ir, args.vi)
+        out = Path(args.out)
+        targets = [out / f"{stem}.png" for stem, _, _ in pairs]
+        clash = [t for t in targets if t.exists()]
+        if clash:
+            raise FileExistsError(f"{len(clash)} output file(s) already exist, e.g. {clash[0]}; fused images "
+                                  "are never overwritten: choose a new --out folder")
+        if args.strip:
+            strip_to = Path(args.strip)
+            if strip_to.exists():
+                raise FileExistsError(f"{strip_to} exists; choose a new path for --strip")
+            save_checkpoint(strip_to, strip_checkpoint(load_checkpoint(args.checkpoint)))
+        net = load_fusion_net(args.checkpoint, args.device)
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        for (stem, ir_path, vi_path), target in zip(pairs, targets):
+            ir, vis = read_pair(ir_path, vi_path, size_policy=args.size_policy)
+            fused = fuse_pair(net, ir, vis)
+            save_image(fused, target)
+            print(f"{stem}: {tuple(vis.shape[-2:])} -> {target}", flush=True)
+    except (ImagePairError, FileExistsError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"fused {len(pairs)} pairs into {out} ({elapsed / max(len(pairs), 1):.2f} s/pair)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

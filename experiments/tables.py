@@ -1,0 +1,312 @@
+"""Paper-style tables (markdown and LaTeX) from run directories and ``evaluate.py`` outputs.
+
+    python experiments/tables.py outputs/seg/20261123-*-s0 outputs/fusion/20261123-*-s0
+    python experiments/tables.py RUN_A RUN_B --paper bdl_mfnet_seg --out results/   # writes tables.md/.tex
+
+Each argument is a run directory (results in ``eval/``) or a folder written by
+``experiments/evaluate.py --out`` (``summary.csv`` with one row per method). Three tables are built from
+whatever the folders hold:
+
+* **fusion metrics**: methods × metrics (``summary.csv`` means), the best value of each column in bold
+  according to the metric's direction (lower is better for CE, MSE, RMSE, Nabf, Qcv);
+* **segmentation** in the layout of BDL's Table 3: per class Acc and IoU, then mAcc and mIoU, in percent
+  (from ``seg_per_class.csv``; the "unlabelled" class is listed only with ``--seg-classes all``, but the
+  means are the run's own, over all classes as evaluated);
+* **detection**: per-class AP@0.5 and mAP@0.5 (from ``det_per_class.csv``).
+
+``--paper PRESET`` adds the published rows of ``experiments/paper_values/PRESET.csv`` (only the numbers the
+paper gives; missing cells are shown as "–"). Markdown goes to stdout (``--format tex`` for LaTeX);
+``--out DIR`` writes both ``tables.md`` and ``tables.tex``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+__all__ = ["Source", "load_sources", "fusion_table", "seg_table", "det_table", "render", "main"]
+
+PAPER_DIR = Path(__file__).resolve().parent / "paper_values"
+LOWER_IS_BETTER = {"CE", "MSE", "RMSE", "Nabf", "Qcv"}    # contracts.md
+NOT_FUSION = {"method", "n_images", "mIoU", "mAcc", "aAcc", "mAP50"}
+DASH = "–"
+
+
+@dataclass
+class Source:
+    """One method's results: fusion-metric means and optional per-class task results."""
+
+    method: str
+    path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    seg: dict[str, tuple[float, float]] | None = None        # class → (Acc, IoU), fractions
+    det: dict[str, float] | None = None                      # class → AP50, fraction
+    paper: bool = False
+
+
+def _float(cell: str | None) -> float:
+    try:
+        return float(cell) if cell not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_sources(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Source]:
+    """Read run directories / evaluate.py folders into :class:`Source` rows (one per method).
+
+    Raises:
+        FileNotFoundError: a folder holds neither ``eval/summary.csv`` nor ``summary.csv``.
+    """
+    sources: list[Source] = []
+    for path in map(Path, paths):
+        eval_dir = path / "eval" if (path / "eval" / "summary.csv").is_file() else path
+        summary = eval_dir / "summary.csv"
+        if not summary.is_file():
+            raise FileNotFoundError(f"{path}: no eval/summary.csv (run directory) or summary.csv "
+                                    "(evaluate.py --out folder)")
+        rows = _read_rows(summary)
+        seg = det = None
+        if (eval_dir / "seg_per_class.csv").is_file():
+            seg = {r["class"]: (_float(r["Acc"]), _float(r["IoU"])) for r in _read_rows(eval_dir / "seg_per_class.csv")}
+        if (eval_dir / "det_per_class.csv").is_file():
+            det = {r["class"]: _float(r["AP50"]) for r in _read_rows(eval_dir / "det_per_class.csv")}
+        for row in rows:
+            metrics = {k: _float(v) for k, v in row.items() if k not in ("method", "n_images")}
+            sources.append(Source(row.get("method") or path.name, path, metrics,
+                                  seg if len(rows) == 1 else None, det if len(rows) == 1 else None))
+    if labels:
+        if len(labels) != len(sources):
+            raise ValueError(f"{len(labels)} labels for {len(sources)} methods")
+        for s, label in zip(sources, labels):
+            s.method = label
+    seen: dict[str, int] = {}
+    for s in sources:   # the same run name twice (e.g. two seeds): add the folder name
+        seen[s.method] = seen.get(s.method, 0) + 1
+    for s in sources:
+        if seen[s.method] > 1:
+            s.method = f"{s.method} ({s.path.name})"
+    return sources
+
+
+def paper_sources(preset: str) -> list[Source]:
+    """Published rows of ``paper_values/<preset>.csv`` (fractions, like our results)."""
+    path = PAPER_DIR / f"{preset}.csv"
+    if not path.is_file():
+        valid = sorted(p.stem for p in PAPER_DIR.glob("*.csv"))
+        raise FileNotFoundError(f"no published values for {preset!r}; available: {', '.join(valid)}")
+    by_method: dict[str, Source] = {}
+    for row in _read_rows(path):
+        src = by_method.setdefault(row["method"], Source(f"{row['method']} (paper)", path, paper=True))
+        src.metrics[row["metric"]] = float(row["value"])
+    return list(by_method.values())
+
+
+def _direction(metric: str) -> bool:
+    """True when higher is better (the metric registry decides; contracts.md's list as a fallback)."""
+    try:
+        from fusion.metrics.registry import higher_is_better
+
+        return higher_is_better(metric)
+    except (ImportError, KeyError):
+        return metric not in LOWER_IS_BETTER
+
+
+def _canonical_order() -> list[str]:
+    try:
+        from fusion.metrics.registry import CANONICAL_ORDER
+
+        return list(CANONICAL_ORDER)
+    except ImportError:
+        return []
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: header rows, body rows of (text, bold) cells, caption."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[tuple[str, bool]]]
+    groups: list[tuple[str, int]] | None = None    # optional spanning header: (label, n columns)
+
+
+def _best(values: list[float], higher: bool) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    return max(finite) if higher else min(finite)
+
+
+def fusion_table(sources: Sequence[Source], metrics: Sequence[str] | None = None, digits: int = 4) -> Table | None:
+    """Methods × fusion metrics, best per column in bold."""
+    present = [m for s in sources for m in s.metrics if m not in NOT_FUSION and "/" not in m]
+    if metrics:
+        lookup = {m.lower(): m for m in present}
+        cols = [lookup[m.lower()] for m in metrics if m.lower() in lookup]
+    else:
+        order = {m: i for i, m in enumerate(_canonical_order())}
+        cols = sorted(dict.fromkeys(present), key=lambda m: order.get(m, len(order)))
+    if not cols:
+        return None
+    best = {m: _best([s.metrics.get(m, math.nan) for s in sources], _direction(m)) for m in cols}
+    rows = []
+    for s in sources:
+        cells = [(s.method, False)]
+        for m in cols:
+            v = s.metrics.get(m, math.nan)
+            cells.append((f"{v:.{digits}f}" if math.isfinite(v) else DASH, best[m] is not None and v == best[m]))
+        rows.append(cells)
+    arrows = [f"{m} {'↑' if _direction(m) else '↓'}" for m in cols]
+    return Table("Fusion metrics (means over the test images; best in bold)", ["Method", *arrows], rows)
+
+
+def seg_table(sources: Sequence[Source], include_unlabelled: bool = False) -> Table | None:
+    """BDL Table 3 layout: per class Acc / IoU, then mAcc / mIoU (percent)."""
+    with_seg = [s for s in sources if s.seg is not None or "mIoU" in s.metrics]
+    if not any(s.seg for s in with_seg):
+        return None
+    classes = list(dict.fromkeys(c for s in with_seg if s.seg for c in s.seg))
+    if not include_unlabelled:
+        classes = [c for c in classes if c.lower() != "unlabelled"]
+    columns: list[list[float]] = []
+    rows_values = []
+    for s in with_seg:
+        values = []
+        for c in classes:
+            acc, iou = (s.seg or {}).get(c, (math.nan, math.nan))
+            values += [acc, iou]
+        values += [s.metrics.get("mAcc", math.nan), s.metrics.get("mIoU", math.nan)]
+        rows_values.append(values)
+    columns = [list(col) for col in zip(*rows_values)]
+    best = [_best(col, True) for col in columns]
+    rows = []
+    for s, values in zip(with_seg, rows_values):
+        rows.append([(s.method, False)] + [(f"{100 * v:.1f}" if math.isfinite(v) else DASH,
+                                            b is not None and v == b) for v, b in zip(values, best)])
+    header = ["Method"] + [x for _ in classes for x in ("Acc", "IoU")] + ["mAcc", "mIoU"]
+    groups = [("", 1)] + [(c, 2) for c in classes] + [("", 2)]
+    return Table("Segmentation (%, MFNet protocol: means over all evaluated classes; best in bold)", header, rows,
+                 groups)
+
+
+def det_table(sources: Sequence[Source]) -> Table | None:
+    """Per-class AP@0.5 and mAP@0.5."""
+    with_det = [s for s in sources if s.det is not None or "mAP50" in s.metrics]
+    if not any(s.det for s in with_det):
+        return None
+    classes = list(dict.fromkeys(c for s in with_det if s.det for c in s.det))
+    rows_values = [[(s.det or {}).get(c, math.nan) for c in classes] + [s.metrics.get("mAP50", math.nan)]
+                   for s in with_det]
+    best = [_best(list(col), True) for col in zip(*rows_values)]
+    rows = [[(s.method, False)] + [(f"{v:.3f}" if math.isfinite(v) else DASH, b is not None and v == b)
+                                   for v, b in zip(values, best)] for s, values in zip(with_det, rows_values)]
+    return Table("Detection (VOC AP@0.5; best in bold)", ["Method", *classes, "mAP"], rows)
+
+
+def _md(table: Table) -> str:
+    header = list(table.header)
+    if table.groups:   # markdown has no spanning cells: prefix the class to each of its columns
+        header, i = [], 0
+        for label, span in table.groups:
+            for j in range(span):
+                header.append(f"{label} {table.header[i + j]}".strip())
+            i += span
+    lines = [f"**{table.caption}**", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in table.rows:
+        lines.append("| " + " | ".join(f"**{t}**" if b else t for t, b in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                 ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$"), (DASH, "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def _tex(table: Table) -> str:
+    n = len(table.header)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex_escape(table.caption)}}}",
+             r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{l{'c' * (n - 1)}}}", r"\toprule"]
+    if table.groups:
+        cells, rules, col = [], [], 1
+        for label, span in table.groups:
+            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex_escape(label)}}}" if span > 1 else _tex_escape(label))
+            if label:
+                rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
+            col += span
+        lines.append(" & ".join(cells) + r" \\")
+        lines.append(" ".join(rules))
+    lines.append(" & ".join(_tex_escape(h) for h in table.header) + r" \\")
+    lines.append(r"\midrule")
+    for row in table.rows:
+        lines.append(" & ".join(rf"\textbf{{{_tex_escape(t)}}}" if b else _tex_escape(t) for t, b in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def render(tables: Sequence[Table], fmt: str) -> str:
+    """All tables as markdown (``md``) or LaTeX (``tex``)."""
+    fn = _md if fmt == "md" else _tex
+    return "\n".join(fn(t) for t in tables)
+
+
+def build_tables(sources: Sequence[Source], metrics: Sequence[str] | None = None,
+                 include_unlabelled: bool = False) -> list[Table]:
+    fusion_sources = [s for s in sources if not s.paper]
+    tables = [fusion_table(fusion_sources, metrics), seg_table(sources, include_unlabelled), det_table(sources)]
+    return [t for t in tables if t is not None]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Paper-style tables from run directories / evaluate.py outputs.")
+    p.add_argument("dirs", nargs="+", help="run directories or evaluate.py --out folders")
+    p.add_argument("--labels", help="comma-separated method names, one per method row")
+    p.add_argument("--metrics", help="comma-separated fusion metrics to show (default: all present)")
+    p.add_argument("--paper", action="append", default=[], help="add published rows of paper_values/NAME.csv")
+    p.add_argument("--seg-classes", choices=("labelled", "all"), default="labelled",
+                   help="'all' also lists the unlabelled class")
+    p.add_argument("--format", choices=("md", "tex"), default="md", help="what to print")
+    p.add_argument("--out", help="also write tables.md and tables.tex into this folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        sources = load_sources(args.dirs, args.labels.split(",") if args.labels else None)
+        for preset in args.paper:
+            sources += paper_sources(preset)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tables = build_tables(sources, args.metrics.split(",") if args.metrics else None, args.seg_classes == "all")
+    if not tables:
+        print("error: no results to tabulate", file=sys.stderr)
+        return 2
+    print(render(tables, args.format), end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tables.md").write_text(render(tables, "md"), encoding="utf-8")
+        (out / "tables.tex").write_text(render(tables, "tex"), encoding="utf-8")
+        print(f"wrote {out / 'tables.md'} and {out / 'tables.tex'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Batched numerical building blocks shared by the metric families.
+
+Every helper works on float64 tensors shaped (B, C, H, W) on any device. Sources may carry a batch of 1
+while the fused tensor carries B methods: helpers that combine images rely on broadcasting, so the work
+on a source is done once per pair rather than once per method.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LN2 = math.log(2.0)
+
+FORCE_FLOAT64 = os.environ.get("FUSION_METRICS_FLOAT64", "0") not in ("", "0", "false", "False")
+"""Set ``FUSION_METRICS_FLOAT64=1`` to run the windowed moments in float64 on CPU too (slower).
+
+By default, on CPU, the Gaussian/box window moments of SSIM, MS-SSIM, VIF and Piella's indices are
+accumulated in float32 on mean-centred data (PyTorch's float64 depthwise convolution is ~10× slower);
+the final averages are taken in float64. On CUDA everything stays float64.
+"""
+
+
+def window_dtype(device: torch.device) -> torch.dtype:
+    """Working dtype of the windowed-moment filters on ``device`` (see :data:`FORCE_FLOAT64`)."""
+    return torch.float32 if device.type == "cpu" and not FORCE_FLOAT64 else torch.float64
+
+
+def window_filter(x: Tensor, k1d: Tensor, mode: str = "valid") -> Tensor:
+    """Separable filtering with ``k1d ⊗ k1d`` as one depthwise convolution per direction.
+
+    Keeps the dtype of ``x`` (the caller picks it with :func:`window_dtype`); ``mode`` is ``"valid"`` or
+    zero-padded ``"same"``.
+    """
+    b, c, h, w = x.shape
+    n = k1d.numel()
+    k = k1d.to(x)
+    groups = b * c
+    pad = n // 2 if mode == "same" else 0
+    y = x.reshape(1, groups, h, w)
+    y = F.conv2d(y, k.view(1, 1, n, 1).expand(groups, 1, n, 1), groups=groups, padding=(pad, 0))
+    y = F.conv2d(y, k.view(1, 1, 1, n).expand(groups, 1, 1, n), groups=groups, padding=(0, pad))
+    return y.reshape(b, c, y.shape[-2], y.shape[-1])
+
+
+def sobel(x: Tensor, pad_mode: str = "zeros") -> tuple[Tensor, Tensor]:
+    """'same' correlation with SOBEL_X = [1 0 −1; 2 0 −2; 1 0 −1] and SOBEL_Y = [1 2 1; 0 0 0; −1 −2 −1].
+
+    Computed with separable slices in the input dtype (exact on integer data). ``pad_mode``: ``"zeros"``
+    (filter2/conv2), ``"replicate"`` (imfilter 'replicate') or ``"reflect"``.
+    """
+    if pad_mode == "zeros":
+        p = F.pad(x, (1, 1, 1, 1))
+    else:
+        b, c, h, w = x.shape
+        p = F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode=pad_mode).reshape(b, c, h + 2, w + 2)
+    sv = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]
+    sx = sv[..., :, :-2] - sv[..., :, 2:]
+    sh = p[..., :, :-2] + 2 * p[..., :, 1:-1] + p[..., :, 2:]
+    sy = sh[..., :-2, :] - sh[..., 2:, :]
+    return sx, sy
+
+
+def round_half_away(x: Tensor) -> Tensor:
+    """MATLAB ``round`` / ``int16()`` rounding: halves go away from zero (torch.round goes to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _conv(x: Tensor, weight: Tensor, padding: tuple[int, int] | str = 0) -> Tensor:
+    """Correlate every channel of ``x`` (B, C, H, W) with one 2-D kernel ``weight`` (kh, kw)."""
+    b, c, h, w = x.shape
+    out = F.conv2d(x.reshape(b * c, 1, h, w), weight.to(x)[None, None], padding=padding)
+    return out.reshape(b, c, out.shape[-2], out.shape[-1])
+
+
+def filter2(x: Tensor, kernel: Tensor, mode: str = "same", pad_mode: str = "zeros") -> Tensor:
+    """MATLAB ``filter2`` / ``imfilter``: 2-D correlation with an odd-sized kernel.
+
+    Args:
+        x: (B, C, H, W) images.
+        kernel: (kh, kw) kernel with odd sizes.
+        mode: ``"same"`` (output H×W) or ``"valid"``.
+        pad_mode: ``"zeros"`` (filter2 / conv2) or ``"replicate"`` (imfilter(..., 'replicate')); only
+            used by ``"same"``.
+    """
+    kh, kw = kernel.shape
+    if mode == "valid":
+        return _conv(x, kernel)
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError("filter2 'same' needs odd kernel sizes")
+    ph, pw = kh // 2, kw // 2
+    if pad_mode == "zeros":
+        return _conv(x, kernel, padding=(ph, pw))
+    b, c, h, w = x.shape
+    padded = F.pad(x.reshape(b * c, 1, h, w), (pw, pw, ph, ph), mode=pad_mode).reshape(b, c, h + 2 * ph, w + 2 * pw)
+    return _conv(padded, kernel)
+
+
+def separable_filter(x: Tensor, k1d: Tensor, mode: str = "valid") -> Tensor:
+    """Filter with the outer product ``k1d ⊗ k1d`` as two 1-D passes (``"valid"`` or zero-padded ``"same"``)."""
+    n = k1d.numel()
+    if mode == "same":
+        x = _conv(x, k1d.reshape(n, 1), padding=(n // 2, 0))
+        return _conv(x, k1d.reshape(1, n), padding=(0, n // 2))
+    x = _conv(x, k1d.reshape(n, 1))
+    return _conv(x, k1d.reshape(1, n))
+
+
+def gaussian_1d(size: int, sigma: float, *, device=None, dtype=torch.float64, normalise: bool = True) -> Tensor:
+    """1-D Gaussian whose outer product is MATLAB ``fspecial('gaussian', size, sigma)`` (when normalised)."""
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum() if normalise else g
+
+
+def box_1d(size: int, *, device=None, dtype=torch.float64) -> Tensor:
+    """Uniform 1-D averaging window."""
+    return torch.full((size,), 1.0 / size, dtype=dtype, device=device)
+
+
+SOBEL_Y = torch.tensor([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]], dtype=torch.float64)
+"""``fspecial('sobel')``: responds to horizontal edges (vertical derivative)."""
+SOBEL_X = SOBEL_Y.t().contiguous()
+
+
+def histogram(idx: Tensor, bins: int) -> Tensor:
+    """Counts per leading (B, C) slice of integer indices in [0, bins); returns (B, C, bins) float64.
+
+    Args:
+        idx: (B, C, N) int64 bin indices.
+        bins: number of bins.
+    """
+    b, c, n = idx.shape
+    offset = torch.arange(b * c, device=idx.device).reshape(b, c, 1) * bins
+    counts = torch.bincount((idx + offset).reshape(-1), minlength=b * c * bins)
+    return counts.reshape(b, c, bins).to(torch.float64)
+
+
+def joint_histogram(idx_x: Tensor, idx_y: Tensor, bins: int) -> Tensor:
+    """Joint counts (B, C, bins, bins) of broadcastable (B, C, N) index tensors (x → rows, y → columns)."""
+    idx_x, idx_y = torch.broadcast_tensors(idx_x, idx_y)
+    return histogram(idx_x * bins + idx_y, bins * bins).reshape(*idx_x.shape[:2], bins, bins)
+
+
+def entropy_from_counts(counts: Tensor, dims: tuple[int, ...] = (-1,), log=torch.log2) -> Tensor:
+    """Shannon entropy of histograms along ``dims`` (empty bins contribute 0)."""
+    p = counts / counts.sum(dim=dims, keepdim=True)
+    terms = torch.where(p > 0, -p * log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    return terms.sum(dim=dims)
+
+
+def quantise_levels(x: Tensor, levels: int = 256) -> Tensor:
+    """Integer bin index of 0–255 data (nearest level, halves up, clamped): the uint8 conversion."""
+    return torch.floor(x.clamp(0, levels - 1) + 0.5).to(torch.int64)
+
+
+def minmax_normalise(x: Tensor) -> Tensor:
+    """Per (B, C) channel (x − min)/(max − min), in that operation order (MATLAB); constant channels → 0."""
+    flat = x.flatten(-2)
+    mn = flat.amin(-1)[..., None, None]
+    mx = flat.amax(-1)[..., None, None]
+    rng = mx - mn
+    return torch.where(rng > 0, (x - mn) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(x))
+
+
+def signed_frequencies(n: int, *, device=None, dtype=torch.float64) -> Tensor:
+    """Signed DFT index k of each FFT bin (0, 1, …, −1), matching MATLAB freqspace after ifftshift."""
+    return torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+
+
+def block_reduce_sum(x: Tensor, block: int) -> Tensor:
+    """Sum over non-overlapping block×block tiles, zero-padding partial tiles (MATLAB ``blkproc``)."""
+    b, c, h, w = x.shape
+    ph, pw = (-h) % block, (-w) % block
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    hh, ww = x.shape[-2] // block, x.shape[-1] // block
+    return x.reshape(b, c, hh, block, ww, block).sum(dim=(3, 5))
+
+
+def channel_mean(values: Tensor) -> Tensor:
+    """(B, C) per-channel values → (B,) mean (VIFB averages the RGB channels; grey is C = 1)."""
+    return values.mean(dim=1)
+
+
+def correlation(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation per (B, C) channel of broadcastable images."""
+    x, y = torch.broadcast_tensors(x, y)
+    xc = x - x.mean(dim=(-2, -1), keepdim=True)
+    yc = y - y.mean(dim=(-2, -1), keepdim=True)
+    num = (xc * yc).sum(dim=(-2, -1))
+    den = torch.sqrt((xc * xc).sum(dim=(-2, -1)) * (yc * yc).sum(dim=(-2, -1)))
+    return num / den

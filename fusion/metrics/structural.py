@@ -1,0 +1,274 @@
+"""Structural and perceptual metrics: SSIM, MS-SSIM, VIF, Piella's Q0 / Qw / Qe, MEF-SSIM."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusion.metrics._utils import box_1d, channel_mean, gaussian_1d, sobel, window_dtype, window_filter
+from fusion.metrics.profiles import prepare
+from fusion.metrics.registry import register_metric
+
+__all__ = ["ssim", "ms_ssim", "vif", "q0", "qw", "qe", "mef_ssim"]
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+CENTRE = 127.5
+"""Data are centred on 127.5 before the windowed products: variances and covariances are shift invariant,
+and centring keeps float32 accumulation (CPU fast path) accurate to ~1e-7 of the window variance scale."""
+
+
+def _centred(x: Tensor) -> Tensor:
+    return (x - CENTRE).to(window_dtype(x.device))
+
+
+def _mean64(x: Tensor) -> Tensor:
+    return x.to(torch.float64).mean(dim=(-2, -1))
+
+
+def _local_stats(xc: Tensor, win: Tensor) -> tuple[Tensor, Tensor]:
+    """Windowed mean and E[x²] of centred data ('valid' filtering)."""
+    return window_filter(xc, win), window_filter(xc * xc, win)
+
+
+def _ssim_maps(
+    xc: Tensor, fc: Tensor, win: Tensor, c1: float, c2: float, cov_norm: float = 1.0, stats_f=None
+) -> tuple[Tensor, Tensor]:
+    """SSIM and contrast-structure maps of broadcastable centred x (source) and f (fused)."""
+    mx, xx = _local_stats(xc, win)
+    mf, ff = stats_f if stats_f is not None else _local_stats(fc, win)
+    xf = window_filter(xc * fc, win)
+    vx = cov_norm * (xx - mx * mx)
+    vf = cov_norm * (ff - mf * mf)
+    vxf = cov_norm * (xf - mx * mf)
+    cs = (2 * vxf + c2) / (vx + vf + c2)
+    mx, mf = mx + CENTRE, mf + CENTRE
+    lum = (2 * mx * mf + c1) / (mx * mx + mf * mf + c1)
+    return lum * cs, cs
+
+
+@register_metric(
+    "SSIM",
+    higher_is_better=True,
+    profiles=("reference", "vifb", "cddfuse"),
+    reference="Wang, Bovik, Sheikh & Simoncelli, IEEE TIP 13(4), 2004",
+)
+def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Fusion SSIM = SSIM(A,F) + SSIM(B,F) (range up to 2).
+
+    ``reference`` / ``vifb``: Wang's Gaussian 11×11, σ = 1.5, K = (0.01, 0.03), L = 255, mean of the
+    'valid' map (``vifb`` per RGB channel, averaged). ``cddfuse``: scikit-image 0.19 defaults as called by
+    CDDFuse — 7×7 uniform window, sample covariance (49/48), ``data_range = 2`` on 0–255 data (so
+    C1 = 4e-4, C2 = 3.6e-3), values ≈ 1.
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    if profile == "cddfuse":
+        win, c1, c2, cov = box_1d(7), (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48
+    else:
+        win, c1, c2, cov = gaussian_1d(11, 1.5), (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0
+    fc = _centred(f)
+    win = win.to(fc.dtype)
+    stats_f = _local_stats(fc, win)
+    total = sum(_mean64(_ssim_maps(_centred(x), fc, win, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
+    return channel_mean(total)
+
+
+def _ms_ssim_single(x: Tensor, f: Tensor) -> Tensor:
+    win = gaussian_1d(11, 1.5, device=f.device, dtype=window_dtype(f.device))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=f.device)
+    factors = []
+    for level in range(len(MS_SSIM_WEIGHTS)):
+        s_map, cs_map = _ssim_maps(_centred(x), _centred(f), win, c1, c2)
+        if level < len(MS_SSIM_WEIGHTS) - 1:
+            factors.append(torch.relu(_mean64(cs_map)))
+            pad = [s % 2 for s in f.shape[-2:]]
+            x = F.avg_pool2d(x, kernel_size=2, padding=pad)
+            f = F.avg_pool2d(f, kernel_size=2, padding=pad)
+        else:
+            factors.append(torch.relu(_mean64(s_map)))
+    stacked = torch.stack(torch.broadcast_tensors(*factors), dim=0)
+    return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0)
+
+
+@register_metric(
+    "MS_SSIM",
+    higher_is_better=True,
+    profiles=("reference",),
+    reference="Wang, Simoncelli & Bovik, Asilomar 2003 (pytorch-msssim conventions)",
+)
+def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Multi-scale SSIM summed over the sources, MS-SSIM(A,F) + MS-SSIM(B,F).
+
+    5 scales, weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), Gaussian 11/1.5 'valid', 2×2 average
+    pooling (zero padding on odd sizes), ReLU on each factor, L = 255: the pytorch-msssim convention.
+    The shorter image side must exceed 160 pixels. (Tang's "MS_SSIM" is a different, MEF-type metric.)
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    if min(f.shape[-2:]) <= 160:
+        raise ValueError(f"MS_SSIM needs both image sides > 160 pixels; got {tuple(f.shape[-2:])}")
+    return channel_mean(_ms_ssim_single(xa, f) + _ms_ssim_single(xb, f))
+
+
+def _vif_single(ref: Tensor, dist: Tensor, *, clip_products: bool = False) -> Tensor:
+    """VIF-P (Sheikh & Bovik 2006, pixel-domain multi-scale) of ``dist`` against ``ref``; (B, C)."""
+    sigma_nsq = 2.0
+    eps = 1e-10
+    num = den = 0.0
+    # uint8 saturation of the scale-1 products (tang_legacy) needs the uncentred values in float64
+    centre = 0.0 if clip_products else CENTRE
+    dtype = torch.float64 if clip_products else window_dtype(ref.device)
+    ref, dist = (ref - centre).to(dtype), (dist - centre).to(dtype)
+    for scale in range(1, 5):
+        n = 2 ** (5 - scale) + 1
+        win = gaussian_1d(n, n / 5.0, device=ref.device, dtype=dtype)
+        if scale > 1:  # normalised window: filtering keeps the data centred
+            ref = window_filter(ref, win)[..., ::2, ::2]
+            dist = window_filter(dist, win)[..., ::2, ::2]
+        mu1, mu2 = window_filter(ref, win), window_filter(dist, win)
+        rr, dd, rd = ref * ref, dist * dist, ref * dist
+        if clip_products and scale == 1:
+            rr, dd, rd = rr.clamp(max=255), dd.clamp(max=255), rd.clamp(max=255)
+        s1 = (window_filter(rr, win) - mu1 * mu1).clamp(min=0).to(torch.float64)
+        s2 = (window_filter(dd, win) - mu2 * mu2).clamp(min=0).to(torch.float64)
+        s12 = (window_filter(rd, win) - mu1 * mu2).to(torch.float64)
+        s1, s2, s12 = torch.broadcast_tensors(s1, s2, s12)
+        g = s12 / (s1 + eps)
+        sv = s2 - g * s12
+        low1 = s1 < eps
+        g = torch.where(low1, torch.zeros_like(g), g)
+        sv = torch.where(low1, s2, sv)
+        s1 = torch.where(low1, torch.zeros_like(s1), s1)
+        low2 = s2 < eps
+        g = torch.where(low2, torch.zeros_like(g), g)
+        sv = torch.where(low2, torch.zeros_like(sv), sv)
+        neg = g < 0
+        sv = torch.where(neg, s2, sv)
+        g = torch.where(neg, torch.zeros_like(g), g)
+        sv = sv.clamp(min=eps)
+        num = num + torch.log10(1 + g * g * s1 / (sv + sigma_nsq)).sum(dim=(-2, -1))
+        den = den + torch.log10(1 + s1 / sigma_nsq).sum(dim=(-2, -1))
+    return num / den
+
+
+@register_metric(
+    "VIF",
+    higher_is_better=True,
+    profiles=("reference", "tang", "tang_legacy", "cddfuse"),
+    reference="Sheikh & Bovik, IEEE TIP 15(2), 2006 (VIF-P, vifp_mscale)",
+)
+def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Pixel-domain visual information fidelity VIF(A,F) + VIF(B,F) (range ≈ 0–2).
+
+    4 scales; Gaussian windows N_s = 2^(5−s)+1, σ = N_s/5, 'valid' filtering, filter-and-decimate by 2
+    between scales; σ_n² = 2 (0–255 data); variances clamped at 0; the stabilising rules of the
+    reference ``vifp_mscale`` code (ε = 1e-10: g = 0 where σ_ref² < ε, σ_v² = 0 where σ_dist² < ε,
+    negative gains set to 0 with σ_v² = σ_dist², σ_v² ≥ ε). CDDFuse calls this "VIFF".
+    ``tang_legacy`` saturates the scale-1 products at 255 as uint8 arithmetic does.
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    clip = profile == "tang_legacy"
+    return channel_mean(_vif_single(xa, f, clip_products=clip) + _vif_single(xb, f, clip_products=clip))
+
+
+def _uiqi_terms(x: Tensor, f: Tensor, size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """UIQI map Q0(x, f | w) and the window variances of x and f on size×size sliding windows."""
+    xc, fc = _centred(x), _centred(f)
+    win = box_1d(size, device=f.device, dtype=xc.dtype)
+    mx, mf = window_filter(xc, win), window_filter(fc, win)
+    vx = (window_filter(xc * xc, win) - mx * mx).to(torch.float64)
+    vf = (window_filter(fc * fc, win) - mf * mf).to(torch.float64)
+    vxf = (window_filter(xc * fc, win) - mx * mf).to(torch.float64)
+    mx, mf = mx.to(torch.float64) + CENTRE, mf.to(torch.float64) + CENTRE
+    n = size * size
+    # unbiased (N−1) statistics as in Wang & Bovik's img_qi.m; the ratio makes the normalisation cancel
+    vx, vf, vxf = vx * n / (n - 1), vf * n / (n - 1), vxf * n / (n - 1)
+    mean_sq = mx * mx + mf * mf
+    var_sum = vx + vf
+    den = var_sum * mean_sq
+    q = torch.ones_like(den)
+    only_means = (var_sum == 0) & (mean_sq != 0)
+    q = torch.where(only_means, 2 * mx * mf / torch.where(only_means, mean_sq, torch.ones_like(mean_sq)), q)
+    ok = den != 0
+    q = torch.where(ok, 4 * vxf * mx * mf / torch.where(ok, den, torch.ones_like(den)), q)
+    return q, vx, vf
+
+
+def _piella(xa: Tensor, xb: Tensor, f: Tensor, weighted: bool) -> Tensor:
+    qa, va, _ = _uiqi_terms(xa, f)
+    qb, vb, _ = _uiqi_terms(xb, f)
+    va, vb = va.clamp(min=0), vb.clamp(min=0)
+    s = va + vb
+    lam = torch.where(s > 0, va / torch.where(s > 0, s, torch.ones_like(s)), torch.full_like(s, 0.5))
+    local = lam * qa + (1 - lam) * qb
+    if not weighted:
+        return local.mean(dim=(-2, -1))
+    c = torch.maximum(va, vb)
+    c, local = torch.broadcast_tensors(c, local)
+    total = c.sum(dim=(-2, -1))
+    return torch.where(total > 0, (c * local).sum(dim=(-2, -1)) / total.clamp(min=1e-300), local.mean(dim=(-2, -1)))
+
+
+_PIELLA_REF = "Piella & Heijmans, ICIP 2003; UIQI: Wang & Bovik, IEEE SPL 9(3), 2002"
+
+
+@register_metric("Q0", higher_is_better=True, profiles=("reference",), reference=_PIELLA_REF)
+def q0(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Piella's fusion quality index Q built on the UIQI Q0.
+
+    Q = mean_w [λ(w)·Q0(A,F|w) + (1 − λ(w))·Q0(B,F|w)], λ = σ_A²/(σ_A² + σ_B²) (½ where both are 0), on
+    8×8 sliding windows ('valid'). Q0 = 4σ_xf·μ_x·μ_f / ((σ_x² + σ_f²)(μ_x² + μ_f²)) with Wang & Bovik's
+    conventions for flat windows: 2μ_xμ_f/(μ_x² + μ_f²) when both variances are 0, 1 when all terms are 0.
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    return channel_mean(_piella(xa, xb, f, weighted=False))
+
+
+@register_metric("Qw", higher_is_better=True, profiles=("reference",), reference=_PIELLA_REF)
+def qw(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Piella's weighted fusion quality index: the Q sum weighted by c(w) = max(σ_A², σ_B²)/Σ max(σ_A², σ_B²)."""
+    f, xa, xb = prepare(profile, fused, a, b)
+    return channel_mean(_piella(xa, xb, f, weighted=True))
+
+
+def _sobel_magnitude(x: Tensor) -> Tensor:
+    gx, gy = sobel(x)
+    return torch.sqrt(gx * gx + gy * gy)
+
+
+@register_metric("Qe", higher_is_better=True, profiles=("reference",), reference=_PIELLA_REF)
+def qe(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Piella's edge-dependent fusion quality index Qe = Qw(A,B,F)·Qw(A′,B′,F′)^α with α = 1.
+
+    The paper leaves the edge operator open; we use the 3×3 Sobel gradient magnitude (zero padding) as
+    the edge images A′, B′, F′.
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    direct = _piella(xa, xb, f, weighted=True)
+    edges = _piella(_sobel_magnitude(xa), _sobel_magnitude(xb), _sobel_magnitude(f), weighted=True)
+    return channel_mean(direct * edges)
+
+
+@register_metric(
+    "MEF_SSIM",
+    higher_is_better=True,
+    profiles=("reference",),
+    reference="Ma, Zeng & Wang, IEEE TIP 24(11), 2015 (implemented in fusion.losses.mef_ssim)",
+)
+def mef_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """MEF-SSIM of the fused image against the source pair, delegated to ``fusion.losses.mef_ssim``.
+
+    The differentiable implementation lives with the losses (it is also a training objective); it is
+    imported at call time so that the metrics package does not depend on the nets code. Inputs are the
+    [0, 1] images; colour images are reduced to BT.601 luma first.
+    """
+    try:
+        from fusion.losses import mef_ssim as _mef_ssim  # noqa: PLC0415 (lazy: optional sibling module)
+    except ImportError as err:  # pragma: no cover - depends on the nets part being present
+        raise NotImplementedError("MEF_SSIM needs fusion.losses.mef_ssim, which is not available") from err
+    f, xa, xb = prepare(profile, fused, a, b)
+    f, xa, xb = torch.broadcast_tensors(f / 255.0, xa / 255.0, xb / 255.0)
+    return _mef_ssim(f, xa, xb).reshape(-1)
+

@@ -1,0 +1,348 @@
+"""Fusion-net zoo: registry behaviour, and per-net smoke / gradient / checkpoint tests over every tiny
+variant."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from fusion.colour import luminance, to_image
+from fusion.nets import create_fusion_net, fused_output, list_fusion_nets, register_fusion_net
+from fusion.nets import registry as registry_module
+from fusion.nets.moe_fusion import NoisyTopKGate
+from fusion.nets.tc_moa import _shift_mask, apply_intensity_bias, mae_key_map, moa_positions
+
+pytestmark = pytest.mark.filterwarnings("ignore:TC-MoA. no backbone_ckpt")
+
+TINY = list_fusion_nets("*_tiny")
+BASES = ("bdl", "moe_fusion", "tc_moa")
+SIZES = [(48, 64), (64, 40)]
+
+
+def _inputs(
+    batch: int, size: tuple[int, int], device, vis_channels: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of deliberately different scenes (brightness, contrast, texture) so routing varies."""
+    g = torch.Generator().manual_seed(1)
+    h, w = size
+    ir = torch.rand(batch, 1, h, w, generator=g)
+    vis = torch.rand(batch, vis_channels, h, w, generator=g)
+    scale = torch.linspace(0.2, 1.0, batch).view(-1, 1, 1, 1)
+    return (ir * scale).to(device), (vis * scale.flip(0)).to(device)
+
+
+def _route_everywhere(net: torch.nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, NoisyTopKGate):
+            m.k = m.num_experts
+
+
+def _forward_all_tasks(net, ir, vis):
+    """TC-MoA has one router per task: run each so every router is used; other nets run once."""
+    tasks = getattr(net, "tasks", None)
+    outs = [net(ir, vis, task=t) for t in tasks] if tasks else [net(ir, vis)]
+    return [fused_output(o) for o in outs]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_names():
+    names = list_fusion_nets()
+    for base in BASES:
+        assert base in names and f"{base}_tiny" in names
+    assert set(TINY) >= {f"{b}_tiny" for b in BASES}
+
+
+def test_unknown_name_lists_valid():
+    with pytest.raises(KeyError, match="bdl_tiny"):
+        create_fusion_net("no_such_net")
+
+
+def test_register_overwrite_warns():
+    def factory(**kw):
+        return torch.nn.Identity()
+
+    try:
+        register_fusion_net(factory, name="_test_dummy")
+        with pytest.warns(UserWarning, match="already registered"):
+            register_fusion_net(factory, name="_test_dummy")
+    finally:
+        registry_module._REGISTRY.pop("_test_dummy", None)
+
+
+def test_none_kwargs_dropped_and_config_complete():
+    net = create_fusion_net("bdl_tiny", out_act=None, features=None)
+    assert net.config["out_act"] == "none" and net.config["features"] == 8
+    assert net.name == "bdl_tiny"
+    with pytest.raises(ValueError, match="out_act"):
+        create_fusion_net("bdl_tiny", out_act="tanh")
+
+
+def test_fused_output():
+    t = torch.zeros(1, 1, 2, 2)
+    assert fused_output(t)[0] is t and fused_output(t)[1] == {}
+    raw, aux = fused_output({"fused": t, "aux_losses": {"a": torch.tensor(1.0)}})
+    assert raw is t and set(aux) == {"a"}
+    with pytest.raises(TypeError):
+        fused_output({"image": t})
+
+
+# -------------------------------------------------------------------------------------- every tiny variant
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_backward_every_param(name, size, device):
+    net = create_fusion_net(name).to(device).train()
+    _route_everywhere(net)
+    ir, vis = _inputs(2, size, device)
+    total = 0.0
+    for raw, aux in _forward_all_tasks(net, ir, vis):
+        channels = 3 if net.out_space == "rgb" else 1
+        assert raw.shape == (2, channels, *size)
+        assert all(torch.isfinite(v) and v.dim() == 0 for v in aux.values())
+        total = total + raw.square().mean() + sum(aux.values())
+    total.backward()
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable
+    missing = [n for n, p in trainable if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("vis_channels", [3, 1])
+def test_to_image_range_and_shape(name, vis_channels, device):
+    net = create_fusion_net(name).to(device).eval()
+    ir, vis = _inputs(2, (40, 48), device, vis_channels)
+    with torch.no_grad():
+        raw, _ = fused_output(net(ir, vis))
+    img = to_image(raw, net.out_space, vis)
+    assert img.shape == (2, vis_channels, 40, 48)
+    assert img.min() >= 0 and img.max() <= 1 and torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_checkpoint_round_trip(name):
+    net = create_fusion_net(name).eval()
+    buf = io.BytesIO()
+    torch.save({"net": {"name": net.name, "kwargs": net.config}, "model": net.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    rebuilt = create_fusion_net(ckpt["net"]["name"], **ckpt["net"]["kwargs"]).eval()
+    rebuilt.load_state_dict(ckpt["model"], strict=True)
+    ir, vis = _inputs(2, (32, 32), "cpu")
+    with torch.no_grad():
+        a, _ = fused_output(net(ir, vis))
+        b, _ = fused_output(rebuilt(ir, vis))
+    torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------- BDL
+def test_bdl_parameter_count_and_shared_prelu():
+    net = create_fusion_net("bdl")
+    assert sum(p.numel() for p in net.parameters()) == 417_730
+    prelus = [m for m in net.modules() if isinstance(m, torch.nn.PReLU)]
+    assert len(prelus) == 1 and prelus[0].weight.numel() == 1
+
+
+@pytest.mark.parametrize("act,lo,hi", [("sigmoid", 0.0, 1.0), ("clamp", 0.0, 1.0)])
+def test_bdl_out_act(act, lo, hi):
+    net = create_fusion_net("bdl_tiny", out_act=act)
+    with torch.no_grad():
+        for p in net.tail2.parameters():
+            p.mul_(50)  # push the raw output well outside [0, 1]
+        y = net(*_inputs(2, (16, 16), "cpu"))
+    assert y.min() >= lo and y.max() <= hi
+
+
+# ------------------------------------------------------------------------------------------------ MoE gates
+def test_noisy_topk_gate_matches_hand_computation():
+    gate = NoisyTopKGate(3, num_experts=4, k=2).eval()
+    with torch.no_grad():
+        gate.w_gate.copy_(torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]])
+    gates, balance = gate(x)
+    # row 0: logits (1, .5, 0, 2) → experts 3, 0; row 1: logits (0, 0, 3, 0) → expert 2 and one tie at 0
+    e = torch.exp(torch.tensor(1.0))
+    torch.testing.assert_close(gates[0], torch.tensor([1 / (1 + e), 0.0, 0.0, e / (1 + e)]))
+    e3 = torch.exp(torch.tensor(3.0)).item()
+    assert gates[1, 2].item() == pytest.approx(e3 / (1 + e3))
+    assert (gates > 0).sum(1).tolist() == [2, 2]
+    torch.testing.assert_close(gates.sum(1), torch.ones(2))
+    assert torch.isfinite(balance)
+
+
+def test_moe_gates_depend_on_input_and_balance_finite():
+    net = create_fusion_net("moe_fusion_tiny", gate_init_std=1.0).eval()  # non-zero gates, as after training
+    h = w = 32
+    ramp = torch.linspace(0, 1, w).expand(1, 1, h, w)
+    stripes = (torch.arange(w) % 4 < 2).float().expand(1, 1, h, w)
+    ir = torch.cat((ramp * 0.1, stripes, 1 - ramp, torch.full((1, 1, h, w), 0.9)))
+    vis = torch.cat(
+        (
+            stripes.expand(1, 3, h, w),
+            ramp.expand(1, 3, h, w) * 0.2,
+            torch.rand(1, 3, h, w),
+            torch.zeros(1, 3, h, w),
+        )
+    )
+    with torch.no_grad():
+        out = net(ir, vis)
+    for key, g in out["gates"].items():
+        assert g.shape == (4, 4)
+        assert (g > 0).sum(1).eq(2).all(), key
+        assert not torch.allclose(g[0], g[1]) or not torch.allclose(g[2], g[3]), key
+    chosen = {tuple(row.nonzero().flatten().tolist()) for g in out["gates"].values() for row in g}
+    assert len(chosen) > 1, "every image was routed to the same experts"
+    assert all(torch.isfinite(v) for v in out["aux_losses"].values())
+    net.train()
+    assert all(torch.isfinite(v) for v in net(ir, vis)["aux_losses"].values())
+
+
+def test_moe_local_experts_see_one_modality():
+    """Experts 0–1 of a MoLE read only the visible features, 2–3 only the IR ones."""
+    net = create_fusion_net("moe_fusion_tiny").eval()
+    seen = {}
+    for i, expert in enumerate(net.mole_fg.experts):
+        expert.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, inp[0]))
+    _route_everywhere(net)
+    ir, vis = _inputs(2, (16, 16), "cpu")
+    with torch.no_grad():
+        net(ir, vis)
+        fv, xv3 = net.enc_vis(luminance(vis))
+        fi, xi3 = net.enc_ir(ir)
+        att = torch.sigmoid(net.saliency(torch.cat((fv, fi), 1)))
+    torch.testing.assert_close(seen[0], xv3 * att)
+    torch.testing.assert_close(seen[1], xv3 * att)
+    torch.testing.assert_close(seen[2], xi3 * att)
+    torch.testing.assert_close(seen[3], xi3 * att)
+
+
+def test_moe_input_attention_and_logspace():
+    net = create_fusion_net("moe_fusion_tiny", attention="input", combine="logspace")
+    ir, vis = _inputs(2, (24, 20), "cpu")
+    with pytest.raises(ValueError, match="attention"):
+        net(ir, vis)
+    out = net(ir, vis, attention=torch.rand(2, 12, 10))  # resized to the input size
+    assert out["attention"].shape == (2, 1, 24, 20) and torch.isfinite(out["fused"]).all()
+    with pytest.raises(TypeError, match="learned"):
+        create_fusion_net("moe_fusion_tiny")(ir, vis, attention=torch.rand(2, 1, 24, 20))
+
+
+# ------------------------------------------------------------------------------------------------- TC-MoA
+def test_tc_moa_insertion_rule():
+    assert moa_positions(12, 4) == [1, 5, 9]
+    assert moa_positions(8, 4) == [1, 5]
+    assert moa_positions(24, 4) == [1, 5, 9, 13, 17, 21]
+    net = create_fusion_net("tc_moa_tiny")  # τ = 2: encoder 1, 3; decoder 1
+    assert list(net.moa) == ["1", "3"] and list(net.decoder_moa) == ["1"]
+
+
+def test_tc_moa_frozen_backbone_and_real_parameters():
+    net = create_fusion_net("tc_moa_tiny")
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"moa", "decoder_moa", "rel_pos", "decoder_rel_pos"}
+    keys = net.state_dict().keys()
+    assert "moa.1.source_embed" in keys and "moa.1.alpha" in keys  # saved, unlike the released code's list
+    assert net.moa["1"].source_embed.shape == (3, 2, 64)
+    assert create_fusion_net("tc_moa_tiny", tasks=("vif", "mef")).moa["1"].source_embed.shape[0] == 2
+    unfrozen = create_fusion_net("tc_moa_tiny", freeze_backbone=False)
+    assert all(p.requires_grad for p in unfrozen.backbone.parameters())
+
+
+def test_tc_moa_warns_without_checkpoint_and_loads_mae_keys(tmp_path):
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        src = create_fusion_net("tc_moa_tiny")
+    mae = {f"module.{k}": v for k, v in src.backbone.state_dict().items()}
+    mae.update(
+        cls_token=torch.zeros(1, 1, 64), pos_embed=torch.zeros(1, 65, 64), mask_token=torch.zeros(1, 1, 32)
+    )
+    path = tmp_path / "mae.pth"
+    torch.save({"model": mae}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint silences the random-init warning
+        net = create_fusion_net("tc_moa_tiny", backbone_ckpt=str(path))
+    for (k, a), b in zip(src.backbone.state_dict().items(), net.backbone.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    assert set(mae_key_map({"model": mae})) == set(src.backbone.state_dict())
+    del mae["module.decoder_pred.bias"]
+    torch.save({"model": mae}, path)
+    with pytest.raises(RuntimeError, match="decoder_pred.bias"):
+        create_fusion_net("tc_moa_tiny", backbone_ckpt=str(path))
+
+
+def test_intensity_bias_is_eq8():
+    px, py = torch.tensor([0.2, 0.9]), torch.tensor([0.7, 0.4])
+    qx, qy = apply_intensity_bias(px, py, 0.5, 0.1)
+    torch.testing.assert_close(qx, torch.tensor([0.5 + 0.5 * -0.3 + 0.1, 0.5 + 0.5 * 0.4 + 0.1]))
+    torch.testing.assert_close(qy, torch.tensor([0.5 + 0.5 * 0.2 - 0.1, 0.5 + 0.5 * -0.1 - 0.1]))
+
+
+def test_tc_moa_bias_control_transforms_prompts_and_output():
+    net = create_fusion_net("tc_moa_tiny").eval()
+    ir, vis = _inputs(2, (32, 48), "cpu")
+    with torch.no_grad():
+        base = net(ir, vis, task="vif")
+        biased = net(ir, vis, task="vif", bias_alpha=0.5, bias_beta=0.1)
+    for q in base["prompts"]:
+        torch.testing.assert_close(q["p_x"], q["p_x_raw"])
+    for q in biased["prompts"]:
+        torch.testing.assert_close(q["p_x"], 0.5 + 0.5 * (q["p_x_raw"] - 0.5) + 0.1)
+        torch.testing.assert_close(q["p_y"], 0.5 + 0.5 * (q["p_y_raw"] - 0.5) - 0.1)
+    # the first module's raw prompts do not depend on the control, so the transform is the only change there
+    torch.testing.assert_close(base["prompts"][0]["p_x_raw"], biased["prompts"][0]["p_x_raw"])
+    assert (base["fused"] - biased["fused"]).abs().max() > 1e-4
+    # routers are per task: another task's router changes the output once its router differs
+    with torch.no_grad():
+        for m in net.moa.values():
+            m.routers[1].w_gate.normal_()
+        other = net(ir, vis, task="mef")
+    assert (other["fused"] - base["fused"]).abs().max() > 1e-6
+
+
+def test_tc_moa_shift_mask_structure():
+    mask = _shift_mask(8, 8, 4, 2, torch.device("cpu"))  # 4 windows of 16 tokens
+    assert mask.shape == (4, 16, 16)
+    assert torch.all(mask[0] == 0)  # the top-left window holds no wrapped tokens
+    assert torch.all(mask[3] == mask[3].t()) and (mask[3] < 0).any()
+    assert torch.all(mask.diagonal(dim1=1, dim2=2) == 0)
+    net_masked = create_fusion_net("tc_moa_tiny").eval()
+    net_plain = create_fusion_net("tc_moa_tiny", shift_mask=False).eval()
+    net_plain.load_state_dict(net_masked.state_dict())
+    ir, vis = _inputs(1, (32, 32), "cpu")
+    with torch.no_grad():
+        assert not torch.allclose(net_masked(ir, vis)["fused"], net_plain(ir, vis)["fused"])
+
+
+def test_tc_moa_mir_variants():
+    ir, vis = _inputs(2, (32, 32), "cpu")
+    for mir in ("code", "paper"):
+        net = create_fusion_net("tc_moa_tiny", mir=mir).eval()
+        with torch.no_grad():
+            out = net(ir, vis)
+        d = [q["p_x_raw"] + q["p_y_raw"] - 1 for q in out["prompts"]]
+        if mir == "paper":
+            expected = torch.stack([x.abs().mean() for x in d]).mean()
+        else:
+            enc = torch.stack(
+                [x.square().mean() for x, q in zip(d, out["prompts"], strict=True) if q["stage"] == "encoder"]
+            ).mean()
+            dec = torch.stack(
+                [x.square().mean() for x, q in zip(d, out["prompts"], strict=True) if q["stage"] == "decoder"]
+            ).mean()
+            expected = 0.75 * enc + 0.25 * dec
+        torch.testing.assert_close(out["aux_losses"]["mir"], expected)
+
+
+def test_bench_counts_bdl_macs_from_the_layer_table():
+    """MACs per pixel by hand from architectures.md §1: head 2·64·9, 2 × (9·32·(64+96+128+160+192) + 224·64),
+    tails 64·32·9 + 32·9 = 417,184 (≈ 128 GMAC at 640×480)."""
+    from experiments.bench_nets import count
+
+    row = count("bdl", (16, 16), "cpu")
+    assert row["params"] == row["trainable"] == 417_730
+    assert row["macs_per_px"] == 2 * 64 * 9 + 2 * (9 * 32 * 640 + 224 * 64) + 64 * 32 * 9 + 32 * 9
+    assert (
+        count("tc_moa_tiny", (32, 32), "cpu")["trainable"] < count("tc_moa_tiny", (32, 32), "cpu")["params"]
+    )
