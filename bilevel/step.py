@@ -325,7 +325,7 @@ class BilevelStep:
             raise ValueError("upper_loss is set: pass upper_batch on upper steps")
 
     def _fused(self, cache: dict[int, Tensor], batch: Any) -> Tensor:
-        """z for ``batch``: one forward per distinct batch object per iteration (again if a graph is needed)."""
+        """z for ``batch``: one forward per distinct batch object per iteration (again if a graph is due)."""
         key = id(batch)
         if key not in cache or (torch.is_grad_enabled() and cache[key].grad_fn is None):
             with self._autocast():

@@ -34,10 +34,35 @@ from fusion.datasets import collate_pairs, create_dataset
 from fusion.nets import create_fusion_net
 from tasks.registry import create_task
 
+# Clip the upper gradient in every configuration: second-order terms through batch-norm layers that see very
+# few values (a ResNet-18 stage at 2×2 pixels × batch 2) can be huge at benchmark sizes.
+GRAD_CLIP = 1.0
+
+CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "joint": ("joint (single-level)", "joint", {}),
+    "gn": ("bi-level gn, image path, with UL update", "bilevel", dict(hypergrad="gn", ul_every=1)),
+    "gn_lower": ("bi-level gn, lower-only iteration", "bilevel", dict(hypergrad="gn", ul_every=10**9)),
+    "gn_param": (
+        "bi-level gn, param path (per-constraint passes), with UL",
+        "bilevel",
+        dict(hypergrad="gn", path="param"),
+    ),
+    "unrolled1": (
+        "bi-level unrolled K=1, image path, with UL",
+        "bilevel",
+        dict(hypergrad="unrolled", hypergrad_options={"steps": 1}),
+    ),
+    "unrolled3": (
+        "bi-level unrolled K=3, image path, with UL",
+        "bilevel",
+        dict(hypergrad="unrolled", hypergrad_options={"steps": 3}),
+    ),
+}
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("bench bilevel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=64, help="square crop size (GPU target: 256)")
+    parser.add_argument("--size", type=_size, default=(64, 64), help="H or HxW (GPU targets: 256, 480x640)")
     parser.add_argument("--batch", type=int, default=2, help="LL and UL batch size (GPU target: 8)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per configuration")
@@ -48,10 +73,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--net", default="bdl", help="fusion net (bdl_tiny for a quick smoke run)")
     parser.add_argument("--seg-encoder", default="resnet18")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tiny", action="store_true", help="bdl_tiny + critic_tiny + seg_tiny (smoke test)")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}"
+    )
     return parser
 
 
-def _batch(size: int, n: int, seed: int, device: torch.device) -> dict:
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def _batch(size: tuple[int, int], n: int, seed: int, device: torch.device) -> dict:
     data = create_dataset("synthetic", root=None, split="train", size=size, length=n, seed=seed)
     batch = collate_pairs([data[i] for i in range(n)])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -184,32 +218,6 @@ def measure(
     }
 
 
-# Clip the upper gradient in every configuration: second-order terms through batch-norm layers that see very
-# few values (a ResNet-18 stage at 2×2 pixels × batch 2) can be huge at benchmark sizes.
-GRAD_CLIP = 1.0
-
-CONFIGS: list[tuple[str, str, dict]] = [
-    ("joint (single-level)", "joint", {}),
-    ("bi-level gn, image path, with UL update", "bilevel", dict(hypergrad="gn", ul_every=1)),
-    ("bi-level gn, lower-only iteration", "bilevel", dict(hypergrad="gn", ul_every=10**9)),
-    (
-        "bi-level gn, param path (per-constraint passes), with UL",
-        "bilevel",
-        dict(hypergrad="gn", path="param"),
-    ),
-    (
-        "bi-level unrolled K=1, image path, with UL",
-        "bilevel",
-        dict(hypergrad="unrolled", hypergrad_options={"steps": 1}),
-    ),
-    (
-        "bi-level unrolled K=3, image path, with UL",
-        "bilevel",
-        dict(hypergrad="unrolled", hypergrad_options={"steps": 3}),
-    ),
-]
-
-
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,15 +225,28 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     torch.manual_seed(0)
-    template = {
-        "net": create_fusion_net(args.net).to(device),
-        "critic": create_task("critic").to(device),
-        "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder).to(device),
-    }
+    if args.tiny:
+        args.net, args.seg_encoder = "bdl_tiny", "tiny"
+        template = {
+            "net": create_fusion_net("bdl_tiny"),
+            "critic": create_task("critic_tiny"),
+            "seg": create_task("seg_tiny"),
+        }
+    else:
+        template = {
+            "net": create_fusion_net(args.net),
+            "critic": create_task("critic"),
+            "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder),
+        }
+    template = {k: v.to(device) for k, v in template.items()}
     ll = _batch(args.size, args.batch, seed=1, device=device)
     ul = _batch(args.size, args.batch, seed=2, device=device)
+    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    unknown = sorted(set(keys) - set(CONFIGS))
+    if unknown or not {"joint", "gn", "gn_lower"} <= set(keys):
+        raise SystemExit(f"--configs needs joint, gn and gn_lower; choose from {', '.join(CONFIGS)}")
     runs = {}
-    for label, kind, kw in CONFIGS:
+    for label, kind, kw in (CONFIGS[k] for k in keys):
         parts = build(args, device, template)
         run = (
             joint_step(parts, amp_dtype, ll, ul)
@@ -246,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"bilevel step benchmark — {dev}, torch {torch.__version__}, net {args.net}, "
-        f"seg Unet/{args.seg_encoder}, {args.size}×{args.size}, batch {args.batch}, amp {args.amp}, "
+        f"seg Unet/{args.seg_encoder}, {args.size[0]}×{args.size[1]}, batch {args.batch}, amp {args.amp}, "
         f"median of {args.iters} (warm-up {args.warmup})"
     )
     print()

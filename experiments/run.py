@@ -113,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output root (default: outputs)")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"),
                    help="default: $WANDB_MODE, else online with an API key, else offline")
-    p.add_argument("--smoke", action="store_true", help="tiny nets, 32 px synthetic scenes, 4 steps (tests)")
+    p.add_argument("--smoke", action="store_true", help="tiny nets, 32 px synthetic scenes, 3 iterations (tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="strict config override, repeatable (e.g. --set bilevel.cg.iters=5)")
     p.add_argument("--config", help="YAML file of config values (the flags above override it)")
@@ -594,7 +594,6 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
 
     check_names(cfg)
     device = _device(cfg, local_rank)
-    torch.manual_seed(cfg.train.seed)        # identical initial weights on every rank
 
     # ---- data first: a task whose data lacks labels fails here, before any net is built
     specs = {"run": _spec(cfg, None), **{k: _spec(cfg, k) for k in cfg.constraints}}
@@ -621,6 +620,8 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
     val_set = dataset(specs["run"], "ul") if cfg.eval.val_every else None
 
     # ---- nets
+    # Initial weights depend on the seed only (not on what the data code drew), identical on every rank.
+    torch.manual_seed(cfg.train.seed)
     net = create_fusion_net(cfg.net.name, **cfg.net.kwargs).to(device)
     if cfg.net.init:
         init = load_checkpoint(cfg.net.init)
@@ -628,8 +629,10 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
             raise ConfigError(f"net.init {cfg.net.init} holds a {init['net']['name']!r} net, not {cfg.net.name!r}")
         net.load_state_dict(init["model"], strict=True)
     loss_fn = create_fusion_loss(cfg.loss.name, **cfg.loss.kwargs).to(device)
-    tasks = {k: create_task(getattr(cfg.tasks, k).name or k, **_task_kwargs(cfg, k, train_sets[k])).to(device)
-             for k in cfg.constraints}
+    tasks = {}
+    for k in cfg.constraints:
+        torch.manual_seed(_stream_seed(cfg.train.seed, f"init/{k}", 0))
+        tasks[k] = create_task(getattr(cfg.tasks, k).name or k, **_task_kwargs(cfg, k, train_sets[k])).to(device)
     if reduce is not None:   # identical start on every rank, whatever the local RNG did
         import torch.distributed as dist
 
@@ -996,7 +999,8 @@ class RunResult:
     experiment: Experiment | None = None
 
 
-def _init_distributed() -> tuple[int, int, int]:
+def _init_distributed(cfg: RunConfig) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
@@ -1004,8 +1008,7 @@ def _init_distributed() -> tuple[int, int, int]:
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FUSION_DDP_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if _device(cfg, local_rank).type == "cuda" else "gloo")
     return rank, world, local_rank
 
 
@@ -1034,12 +1037,15 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if args.eval_only and ckpt is None:
         raise ConfigError("--eval-only needs a checkpoint: --resume PATH")
+    if ckpt is not None and not args.eval_only and "upper_optim" not in ckpt:
+        raise ConfigError(f"{args.resume} is an inference-only checkpoint (no optimiser state): evaluate it with "
+                          "--eval-only, or start a new run from its weights with --set net.init=PATH")
     cfg = resolve_config(args, ckpt["config"] if ckpt is not None else None)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return RunResult(run_dir=None)
     check_names(cfg)
-    rank, world, local_rank = _init_distributed()
+    rank, world, local_rank = _init_distributed(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:

@@ -15,6 +15,15 @@ from bilevel.aggregate import CAGrad
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread avoids OpenMP spin-waiting on a loaded 2-core machine (up to 100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rows(*vectors):
     """Rows split over two tensors (a 2-vector and the rest) to exercise multi-tensor rows."""
     return [(torch.tensor(v[:2], dtype=DT), torch.tensor(v[2:], dtype=DT)) for v in vectors]

@@ -14,6 +14,17 @@ from torch.func import grad, hessian, jacrev
 from bilevel import hypergrad, list_hypergrads
 
 DT = torch.float64
+# torch.func's forward-mode decompositions (hessian/jacfwd in the references) call the deprecated jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread avoids OpenMP spin-waiting on a loaded 2-core machine (up to 100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ toy problems
@@ -184,7 +195,7 @@ def test_neumann_is_the_truncated_series_and_converges(toy):
             _run(toy, "neumann", toy.th3, iters=k, alpha=alpha), toy.implicit(toy.th3, alpha * acc), rtol=1e-9
         )
     exact = toy.implicit(toy.th3, torch.linalg.solve(H, gFy))
-    errs = [float((_run(toy, "neumann", toy.th3, iters=k, alpha=alpha) - exact).norm()) for k in (5, 50, 400)]
+    errs = [float((_run(toy, "neumann", toy.th3, iters=k, alpha=alpha) - exact).norm()) for k in (5, 30, 150)]
     assert errs[0] > errs[1] + 1e-3 and errs[2] < 1e-9
 
 

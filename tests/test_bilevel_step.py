@@ -17,6 +17,15 @@ from bilevel import BilevelStep, Constraint
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread avoids OpenMP spin-waiting on a loaded 2-core machine (up to 100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyFusion(nn.Module):
     def __init__(self, bn: bool = False):
         super().__init__()
@@ -412,7 +421,7 @@ def test_device_image_equals_param(device):
 
 @pytest.mark.parametrize("method", ["none", "gn"])
 def test_shared_ll_and_ul_batch_object(method):
-    """One batch object as LL and UL batch: its forward is reused, with a graph when the upper step needs it."""
+    """One batch object as LL and UL batch: its forward is reused, with a graph if the upper step needs it."""
     base = Setup(bn=True)
     grads = []
     for path in ("image", "param"):
@@ -421,3 +430,18 @@ def test_shared_ll_and_ul_batch_object(method):
         grads.append(torch.cat([p.grad.reshape(-1) for p in s.upper.parameters()]))
     assert float(grads[0].norm()) > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_bench_bilevel_smoke(capsys):
+    """``python experiments/bench.py bilevel --tiny`` runs the configurations and counts the updates."""
+    pytest.importorskip("segmentation_models_pytorch")
+    from experiments.bench_bilevel import main
+
+    configs = "joint,gn,gn_lower,gn_param,unrolled1"  # unrolled K=3 adds double backward time, not coverage
+    main("--tiny --size 16 --batch 2 --iters 1 --warmup 0 --threads 1 --configs".split() + [configs])
+    out = capsys.readouterr().out
+    assert "| joint (single-level) |" in out and "| bi-level unrolled K=1, image path, with UL |" in out
+    assert "| bi-level gn, param path (per-constraint passes), with UL |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| bi-level gn, image path"))
+    assert row.split("|")[5:8] == [" 2 ", " 1 ", " 2 "]  # LL updates, UL updates, fusion forwards

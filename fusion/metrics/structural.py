@@ -20,8 +20,8 @@ CENTRE = 127.5
 and centring keeps float32 accumulation (CPU fast path) accurate to ~1e-7 of the window variance scale."""
 
 
-def _centred(x: Tensor) -> Tensor:
-    return (x - CENTRE).to(window_dtype(x.device))
+def _centred(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return (x - CENTRE).to(dtype or window_dtype(x.device))
 
 
 def _mean64(x: Tensor) -> Tensor:
@@ -65,13 +65,14 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     """
     f, xa, xb = prepare(profile, fused, a, b)
     if profile == "cddfuse":
-        win, c1, c2, cov = box_1d(7), (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48
+        # C2 = 3.6e-3 is far below float32 round-off of window variances: stay in float64
+        win, c1, c2, cov, dtype = box_1d(7), (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
     else:
-        win, c1, c2, cov = gaussian_1d(11, 1.5), (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0
-    fc = _centred(f)
+        win, c1, c2, cov, dtype = gaussian_1d(11, 1.5), (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, None
+    fc = _centred(f, dtype)
     win = win.to(fc.dtype)
     stats_f = _local_stats(fc, win)
-    total = sum(_mean64(_ssim_maps(_centred(x), fc, win, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
+    total = sum(_mean64(_ssim_maps(_centred(x, dtype), fc, win, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
     return channel_mean(total)
 
 
@@ -118,8 +119,9 @@ def _vif_single(ref: Tensor, dist: Tensor, *, clip_products: bool = False) -> Te
     eps = 1e-10
     num = den = 0.0
     # uint8 saturation of the scale-1 products (tang_legacy) needs the uncentred values in float64
+    # float64 throughout: the ε = 1e-10 variance tests and σ_n² = 2 are below float32 round-off
     centre = 0.0 if clip_products else CENTRE
-    dtype = torch.float64 if clip_products else window_dtype(ref.device)
+    dtype = torch.float64
     ref, dist = (ref - centre).to(dtype), (dist - centre).to(dtype)
     for scale in range(1, 5):
         n = 2 ** (5 - scale) + 1
@@ -169,13 +171,16 @@ def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     ``tang_legacy`` saturates the scale-1 products at 255 as uint8 arithmetic does.
     """
     f, xa, xb = prepare(profile, fused, a, b)
+    if min(f.shape[-2:]) < 65:  # four 'valid' scales: 17-tap, decimate, 9-tap, ... need ≥ 65 pixels
+        raise ValueError(f"VIF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
     clip = profile == "tang_legacy"
     return channel_mean(_vif_single(xa, f, clip_products=clip) + _vif_single(xb, f, clip_products=clip))
 
 
 def _uiqi_terms(x: Tensor, f: Tensor, size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """UIQI map Q0(x, f | w) and the window variances of x and f on size×size sliding windows."""
-    xc, fc = _centred(x), _centred(f)
+    # float64: flat windows are detected by exact zero variances
+    xc, fc = _centred(x, torch.float64), _centred(f, torch.float64)
     win = box_1d(size, device=f.device, dtype=xc.dtype)
     mx, mf = window_filter(xc, win), window_filter(fc, win)
     vx = (window_filter(xc * xc, win) - mx * mx).to(torch.float64)

@@ -1,0 +1,352 @@
+"""Evaluate fused images against their source pairs with the fusion metrics.
+
+    python experiments/evaluate.py --ir ../shared/data/vifb/ir --vi ../shared/data/vifb/vi \\
+        --fused ADF=../shared/data/vifb/fused/ADF CNN=../shared/data/vifb/fused/CNN \\
+        --profile vifb --out outputs/eval_vifb
+    python experiments/evaluate.py --ir IR --vi VI --fused-root FUSED_ROOT --metrics EN,SD,MI,SSIM --out OUT
+
+Files are matched by stem across the IR folder, the visible folder and every method folder; pairs that
+cannot be matched are reported (and listed in ``meta.json``). All methods' outputs of one source pair are
+stacked and evaluated as one batch. Writes (contracts.md "Metrics"): ``per_image.csv``
+(``image,method,<metric>...``), ``summary.csv`` (``method,n_images,<metric>...``, means over images),
+``meta.json`` (profile, metrics, directions, versions, unmatched files), ``table.md`` and ``table.tex``
+(mean per method, best per metric in bold by the metric's direction), and prints the markdown table.
+An existing non-empty ``--out`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import platform
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from fusion.metrics import get_metric, get_profile, list_metrics
+from fusion.metrics.profiles import shared_preparation
+
+__all__ = ["EvaluationResult", "evaluate_folders", "write_outputs", "markdown_table", "latex_table", "main"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class EvaluationResult:
+    """Everything an evaluation produced.
+
+    Attributes:
+        profile: metric profile used.
+        metrics: canonical metric names, in table order.
+        rows: one dict per (image, method): ``image``, ``method`` and one float per metric.
+        summary: ``{method: {"n_images": int, metric: mean}}`` (NaN values are left out of the means).
+        unmatched: human-readable descriptions of files that could not be paired.
+        failures: ``{metric: reason}`` for metrics that could not be computed on some images (NaN there).
+    """
+
+    profile: str
+    metrics: list[str]
+    rows: list[dict] = field(default_factory=list)
+    summary: dict[str, dict] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _index(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a directory: {folder}")
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.stem in files:
+                raise ValueError(f"two images with stem {p.stem!r} in {folder}: {files[p.stem].name}, {p.name}")
+            files[p.stem] = p
+    return files
+
+
+def _read(path: Path, device: torch.device) -> torch.Tensor:
+    from fusion.image_io import read_image
+
+    return read_image(path).to(device=device, dtype=torch.float64)
+
+
+def _resolve_metrics(metrics: Sequence[str] | str | None, profile: str) -> list[str]:
+    if metrics is None:
+        return list_metrics(profile)
+    if isinstance(metrics, str):
+        metrics = [m for m in (s.strip() for s in metrics.split(",")) if m]
+    names = [get_metric(m).name for m in metrics]
+    bad = [n for n in names if n not in list_metrics(profile)]
+    if bad:
+        raise ValueError(
+            f"metrics {bad} are not available under profile {profile!r}; available: {', '.join(list_metrics(profile))}"
+        )
+    return names
+
+
+def evaluate_folders(
+    ir_dir: str | Path,
+    vi_dir: str | Path,
+    fused: Mapping[str, str | Path],
+    *,
+    profile: str = "reference",
+    metrics: Sequence[str] | str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> EvaluationResult:
+    """Compute metrics for every matched (image, method); the core of ``evaluate.py``.
+
+    Args:
+        ir_dir: folder of infrared images.
+        vi_dir: folder of visible images (same stems).
+        fused: ``{method name: folder of fused images}``.
+        profile: metric profile (``reference``, ``vifb``, ``tang``, ``tang_legacy``, ``cddfuse``).
+        metrics: names (case-insensitive) or a comma-separated string; default: all metrics of the profile.
+        device: where to compute.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`EvaluationResult` (use :func:`write_outputs` to save it).
+    """
+    profile = get_profile(profile).name
+    names = _resolve_metrics(metrics, profile)
+    if not fused:
+        raise ValueError("no fused-image folders given")
+    device = torch.device(device)
+    ir, vi = _index(Path(ir_dir)), _index(Path(vi_dir))
+    methods = {m: _index(Path(d)) for m, d in fused.items()}
+    result = EvaluationResult(profile=profile, metrics=names)
+    for stem in sorted(set(ir) - set(vi)):
+        result.unmatched.append(f"{stem}: infrared image without a visible image")
+    for stem in sorted(set(vi) - set(ir)):
+        result.unmatched.append(f"{stem}: visible image without an infrared image")
+    stems = sorted(set(ir) & set(vi))
+    for m, files in methods.items():
+        for stem in sorted(set(files) - set(stems)):
+            result.unmatched.append(f"{stem}: fused image of {m} without a source pair")
+        for stem in sorted(set(stems) - set(files)):
+            result.unmatched.append(f"{stem}: no fused image from {m}")
+
+    from tqdm import tqdm
+
+    for stem in tqdm(stems, desc=f"evaluate ({profile})", unit="pair", disable=not progress):
+        present = [m for m in methods if stem in methods[m]]
+        if not present:
+            continue
+        a, b = _read(ir[stem], device)[None], _read(vi[stem], device)[None]
+        if a.shape[-2:] != b.shape[-2:]:
+            result.unmatched.append(f"{stem}: infrared {tuple(a.shape[-2:])} and visible {tuple(b.shape[-2:])} sizes differ")
+            continue
+        images, kept = [], []
+        for m in present:
+            img = _read(methods[m][stem], device)
+            if img.shape[-2:] != a.shape[-2:]:
+                result.unmatched.append(f"{stem}: fused image of {m} is {tuple(img.shape[-2:])}, sources {tuple(a.shape[-2:])}")
+                continue
+            images.append(img)
+            kept.append(m)
+        if not kept:
+            continue
+        channels = max(x.shape[0] for x in images)
+        batch = torch.stack([x.expand(channels, -1, -1) for x in images])
+        values = _compute(batch, a, b, names, profile, result.failures)
+        for i, m in enumerate(kept):
+            result.rows.append({"image": stem, "method": m, **{n: float(values[n][i]) for n in names}})
+
+    for m in methods:
+        rows = [r for r in result.rows if r["method"] == m]
+        if not rows:
+            continue
+        entry: dict = {"n_images": len(rows)}
+        for n in names:
+            vals = np.array([r[n] for r in rows], dtype=np.float64)
+            finite = vals[np.isfinite(vals)]
+            entry[n] = float(finite.mean()) if finite.size else math.nan
+        result.summary[m] = entry
+    return result
+
+
+def _compute(batch, a, b, names, profile, failures) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad(), shared_preparation():
+        for n in names:
+            try:
+                out[n] = get_metric(n)(batch, a, b, profile=profile).cpu()
+            except (ValueError, NotImplementedError) as err:  # e.g. MS_SSIM on images ≤ 160 px
+                if n not in failures:
+                    failures[n] = str(err)
+                    warnings.warn(f"{n}: {err}; writing NaN", stacklevel=2)
+                out[n] = torch.full((batch.shape[0],), math.nan, dtype=torch.float64)
+    return out
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    if not math.isfinite(v):
+        return "–"
+    return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.1f}"
+
+
+def _best(result: EvaluationResult) -> dict[str, float]:
+    best = {}
+    for n in result.metrics:
+        vals = [s[n] for s in result.summary.values() if math.isfinite(s[n])]
+        if vals:
+            best[n] = max(vals) if get_metric(n).higher_is_better else min(vals)
+    return best
+
+
+def _arrow(name: str) -> str:
+    return "↑" if get_metric(name).higher_is_better else "↓"
+
+
+def markdown_table(result: EvaluationResult, digits: int = 4) -> str:
+    """Mean per method; the best value of each metric (by its direction) in bold."""
+    best = _best(result)
+    head = "| Method | " + " | ".join(f"{n} {_arrow(n)}" for n in result.metrics) + " |"
+    lines = [head, "|---|" + "---:|" * len(result.metrics)]
+    for m, s in result.summary.items():
+        cells = []
+        for n in result.metrics:
+            text = _fmt(s[n], digits)
+            cells.append(f"**{text}**" if n in best and s[n] == best[n] else text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(text: str) -> str:
+    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
+
+
+def latex_table(result: EvaluationResult, digits: int = 4) -> str:
+    """booktabs tabular of the means, best per metric in ``\\textbf``."""
+    best = _best(result)
+    cols = "l" + "r" * len(result.metrics)
+    arrows = {True: "$\\uparrow$", False: "$\\downarrow$"}
+    head = " & ".join(
+        ["Method"] + [f"{_tex_escape(n)} {arrows[get_metric(n).higher_is_better]}" for n in result.metrics]
+    )
+    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", head + " \\\\", "\\midrule"]
+    for m, s in result.summary.items():
+        cells = [_tex_escape(m)]
+        for n in result.metrics:
+            text = _fmt(s[n], digits).replace("–", "--")
+            cells.append(f"\\textbf{{{text}}}" if n in best and s[n] == best[n] else text)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapping | None = None) -> Path:
+    """Write the five files of contracts.md into ``out_dir`` (which must be absent or empty)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"refusing to overwrite the non-empty folder {out}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "per_image.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "method", *result.metrics])
+        for r in result.rows:
+            w.writerow([r["image"], r["method"], *(repr(r[n]) for n in result.metrics)])
+    with open(out / "summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "n_images", *result.metrics])
+        for m, s in result.summary.items():
+            w.writerow([m, s["n_images"], *(repr(s[n]) for n in result.metrics)])
+    meta = {
+        "profile": result.profile,
+        "profile_description": get_profile(result.profile).description,
+        "metrics": result.metrics,
+        "higher_is_better": {n: get_metric(n).higher_is_better for n in result.metrics},
+        "n_rows": len(result.rows),
+        "methods": list(result.summary),
+        "unmatched": result.unmatched,
+        "failures": result.failures,
+        "inputs": {k: str(v) for k, v in (inputs or {}).items()},
+        "versions": _versions(),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out / "table.md").write_text(markdown_table(result))
+    (out / "table.tex").write_text(latex_table(result))
+    return out
+
+
+def _parse_fused(specs: Sequence[str], root: str | None) -> dict[str, Path]:
+    fused: dict[str, Path] = {}
+    if root:
+        for d in sorted(Path(root).iterdir()):
+            if d.is_dir():
+                fused[d.name] = d
+    for spec in specs or []:
+        if "=" not in spec:
+            raise SystemExit(f"--fused expects NAME=DIR, got {spec!r}")
+        name, folder = spec.split("=", 1)
+        fused[name] = Path(folder)
+    if not fused:
+        raise SystemExit("give --fused NAME=DIR ... and/or --fused-root DIR")
+    return fused
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ir", required=True, help="folder of infrared images")
+    p.add_argument("--vi", required=True, help="folder of visible images")
+    p.add_argument("--fused", nargs="+", default=[], metavar="NAME=DIR", help="method name and its folder")
+    p.add_argument("--fused-root", help="folder whose sub-folders are methods")
+    p.add_argument("--profile", default="reference", help="reference | vifb | tang | tang_legacy | cddfuse")
+    p.add_argument("--metrics", default=None, help="comma-separated names (default: all of the profile)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--out", required=True, help="output folder (must be absent or empty)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"refusing to overwrite the non-empty folder {out}; choose another --out")
+    fused = _parse_fused(args.fused, args.fused_root)
+    try:
+        result = evaluate_folders(
+            args.ir, args.vi, fused, profile=args.profile, metrics=args.metrics, device=args.device,
+            progress=not args.no_progress,
+        )
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+    inputs = {"ir": args.ir, "vi": args.vi, **{f"fused/{k}": v for k, v in fused.items()}}
+    write_outputs(result, out, inputs=inputs)
+    if result.unmatched:
+        print(f"{len(result.unmatched)} unmatched file(s):", file=sys.stderr)
+        for line in result.unmatched:
+            print(f"  {line}", file=sys.stderr)
+    print(f"profile {result.profile}: {len(result.rows)} (image, method) rows → {out}")
+    print(markdown_table(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
