@@ -102,7 +102,8 @@ class DataConfig:
     length: int | None = None         # synthetic: number of training scenes (None = dataset default)
     ul_length: int | None = None      # synthetic: number of upper-level scenes
     test_length: int | None = None    # synthetic: number of test scenes
-    test_size: int | None = None      # synthetic test scene side (None = crop); real data: full images
+    scene: int | None = None          # synthetic scene side (None = crop); training takes random crops of it
+    test_size: int | None = None      # synthetic test scene side (None = scene); real data: full images
     holdout: int = 0                  # datasets without splits: every N-th pair → test, N-th+N//2 → ul (0 = off)
     kwargs: dict = field(default_factory=dict)   # extra keyword arguments of create_dataset
     num_workers: int = 0

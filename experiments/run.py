@@ -284,7 +284,8 @@ def create_split(cfg: RunConfig, spec: DataSpec, role: str):
     kwargs = dict(spec.kwargs)
     split = {"train": d.train_split, "ul": d.ul_split, "test": d.test_split}[role]
     if spec.name == "synthetic":
-        size = d.crop if role != "test" else (d.test_size or d.crop)
+        scene = max(d.scene or d.crop, d.crop)
+        size = scene if role != "test" else (d.test_size or scene)
         length = {"train": d.length, "ul": d.ul_length, "test": d.test_length}[role]
         kwargs = {"size": size, "length": length, **kwargs}
         return create_dataset("synthetic", None, split=split, **kwargs)
@@ -337,7 +338,8 @@ class Streams:
 
         key = f"{spec.key}|{role}|{batch_size}"
         if key not in self.loaders:
-            crop = None if spec.name == "synthetic" else self.cfg.data.crop
+            d = self.cfg.data
+            crop = None if spec.name == "synthetic" and (d.scene or 0) <= d.crop else d.crop
             loader = make_loader(dataset, batch_size, seed=_stream_seed(self.cfg.train.seed, key, self.rank),
                                  num_workers=self.cfg.data.num_workers, crop=crop, hflip=True,
                                  start_step=self.start)
@@ -735,7 +737,8 @@ def validate(exp: Experiment) -> float:
     from fusion.datasets import collate_pairs
 
     ds = exp.val_set
-    if exp.specs["run"].name != "synthetic":   # fixed crops of the variable-size real images
+    d = exp.cfg.data
+    if exp.specs["run"].name != "synthetic" or (d.scene or 0) > d.crop:   # fixed training-size crops
         from fusion.datasets import RandomCropFlip
 
         ds = ds.with_transform(RandomCropFlip(exp.cfg.data.crop, hflip=False))
@@ -933,7 +936,13 @@ def evaluate(exp: Experiment, run_dir: Path, method: str | None = None) -> dict[
     sums: dict[str, list[float]] = {}
     for fused, batch in tqdm(fused_sets["run"], desc="metrics", unit="batch", disable=not cfg.log.progress,
                              leave=False):
-        values = compute_metrics(fused, batch["ir"], batch["vis"], names, profile=cfg.eval.profile)
+        values = {}
+        for name in list(names):
+            try:
+                values.update(compute_metrics(fused, batch["ir"], batch["vis"], [name], profile=cfg.eval.profile))
+            except (ValueError, NotImplementedError) as err:   # e.g. VIF on images < 65 px
+                log.warning("metric %s skipped: %s", name, err)
+                names.remove(name)
         canon = list(values)
         for i, image in enumerate(batch["name"]):
             row = [float(values[m][i]) for m in canon]

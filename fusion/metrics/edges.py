@@ -26,7 +26,7 @@ def _edges(x: Tensor, pad_mode: str = "zeros", scale: float = 1.0) -> tuple[Tens
     """Squared Sobel strength, strength and orientation, as the reference codes' ``conv2(·, h, 'same')``.
 
     ``conv2`` with h3 = [−1 0 1; −2 0 2; −1 0 1] and h1 = [1 2 1; 0 0 0; −1 −2 −1] (true convolution)
-    is correlation with the flipped kernels, i.e. Sx = corr(SOBEL_X), Sy = −corr(SOBEL_Y). The signs
+    is correlation with the flipped kernels, i.e. Sx = corr([1 0 −1; 2 0 −2; 1 0 −1]), Sy = −corr([1 2 1; 0 0 0; −1 −2 −1]). The signs
     matter: where Sx = 0 the angle is +π/2 whatever the sign of Sy.
     """
     sx, sy = sobel(x, pad_mode)

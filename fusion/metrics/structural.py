@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.metrics._utils import box_1d, channel_mean, gaussian_1d, sobel, window_dtype, window_filter
+from fusion.metrics._utils import (
+    box_filter_valid,
+    channel_mean,
+    fft_filter_valid,
+    gaussian_1d,
+    sobel,
+    window_dtype,
+    window_filter,
+)
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
@@ -28,18 +38,26 @@ def _mean64(x: Tensor) -> Tensor:
     return x.to(torch.float64).mean(dim=(-2, -1))
 
 
-def _local_stats(xc: Tensor, win: Tensor) -> tuple[Tensor, Tensor]:
+Filter = Callable[[Tensor], Tensor]
+
+
+def _gaussian(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> Filter:
+    win = gaussian_1d(size, sigma, device=device, dtype=dtype)
+    return lambda t: window_filter(t, win)
+
+
+def _local_stats(xc: Tensor, filt: Filter) -> tuple[Tensor, Tensor]:
     """Windowed mean and E[x²] of centred data ('valid' filtering)."""
-    return window_filter(xc, win), window_filter(xc * xc, win)
+    return filt(xc), filt(xc * xc)
 
 
 def _ssim_maps(
-    xc: Tensor, fc: Tensor, win: Tensor, c1: float, c2: float, cov_norm: float = 1.0, stats_f=None
+    xc: Tensor, fc: Tensor, filt: Filter, c1: float, c2: float, cov_norm: float = 1.0, stats_f=None
 ) -> tuple[Tensor, Tensor]:
     """SSIM and contrast-structure maps of broadcastable centred x (source) and f (fused)."""
-    mx, xx = _local_stats(xc, win)
-    mf, ff = stats_f if stats_f is not None else _local_stats(fc, win)
-    xf = window_filter(xc * fc, win)
+    mx, xx = _local_stats(xc, filt)
+    mf, ff = stats_f if stats_f is not None else _local_stats(fc, filt)
+    xf = filt(xc * fc)
     vx = cov_norm * (xx - mx * mx)
     vf = cov_norm * (ff - mf * mf)
     vxf = cov_norm * (xf - mx * mf)
@@ -65,24 +83,25 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     """
     f, xa, xb = prepare(profile, fused, a, b)
     if profile == "cddfuse":
-        # C2 = 3.6e-3 is far below float32 round-off of window variances: stay in float64
-        win, c1, c2, cov, dtype = box_1d(7), (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
+        # C2 = 3.6e-3 is far below float32 round-off of window variances: float64 running sums
+        c1, c2, cov, dtype = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
+        filt: Filter = lambda t: box_filter_valid(t, 7)  # noqa: E731
     else:
-        win, c1, c2, cov, dtype = gaussian_1d(11, 1.5), (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, None
+        c1, c2, cov, dtype = (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, window_dtype(f.device)
+        filt = _gaussian(11, 1.5, f.device, dtype)
     fc = _centred(f, dtype)
-    win = win.to(fc.dtype)
-    stats_f = _local_stats(fc, win)
-    total = sum(_mean64(_ssim_maps(_centred(x, dtype), fc, win, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
+    stats_f = _local_stats(fc, filt)
+    total = sum(_mean64(_ssim_maps(_centred(x, dtype), fc, filt, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
     return channel_mean(total)
 
 
 def _ms_ssim_single(x: Tensor, f: Tensor) -> Tensor:
-    win = gaussian_1d(11, 1.5, device=f.device, dtype=window_dtype(f.device))
+    filt = _gaussian(11, 1.5, f.device, window_dtype(f.device))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=f.device)
     factors = []
     for level in range(len(MS_SSIM_WEIGHTS)):
-        s_map, cs_map = _ssim_maps(_centred(x), _centred(f), win, c1, c2)
+        s_map, cs_map = _ssim_maps(_centred(x), _centred(f), filt, c1, c2)
         if level < len(MS_SSIM_WEIGHTS) - 1:
             factors.append(torch.relu(_mean64(cs_map)))
             pad = [s % 2 for s in f.shape[-2:]]
@@ -113,46 +132,59 @@ def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") 
     return channel_mean(_ms_ssim_single(xa, f) + _ms_ssim_single(xb, f))
 
 
-def _vif_single(ref: Tensor, dist: Tensor, *, clip_products: bool = False) -> Tensor:
-    """VIF-P (Sheikh & Bovik 2006, pixel-domain multi-scale) of ``dist`` against ``ref``; (B, C)."""
-    sigma_nsq = 2.0
-    eps = 1e-10
-    num = den = 0.0
-    # uint8 saturation of the scale-1 products (tang_legacy) needs the uncentred values in float64
-    # float64 throughout: the ε = 1e-10 variance tests and σ_n² = 2 are below float32 round-off
-    centre = 0.0 if clip_products else CENTRE
-    dtype = torch.float64
-    ref, dist = (ref - centre).to(dtype), (dist - centre).to(dtype)
+def _vif_terms(s1: Tensor, s2: Tensor, s12: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-scale numerator and denominator sums of VIF-P with vifp_mscale's stabilising rules."""
+    sigma_nsq, eps = 2.0, 1e-10
+    s1, s2, s12 = torch.broadcast_tensors(s1, s2, s12)
+    g = s12 / (s1 + eps)
+    sv = s2 - g * s12
+    low1 = s1 < eps
+    g = torch.where(low1, torch.zeros_like(g), g)
+    sv = torch.where(low1, s2, sv)
+    s1 = torch.where(low1, torch.zeros_like(s1), s1)
+    low2 = s2 < eps
+    g = torch.where(low2, torch.zeros_like(g), g)
+    sv = torch.where(low2, torch.zeros_like(sv), sv)
+    neg = g < 0
+    sv = torch.where(neg, s2, sv)
+    g = torch.where(neg, torch.zeros_like(g), g)
+    sv = sv.clamp(min=eps)
+    num = torch.log10(1 + g * g * s1 / (sv + sigma_nsq)).sum(dim=(-2, -1))
+    den = torch.log10(1 + s1 / sigma_nsq).sum(dim=(-2, -1))
+    return num, den
+
+
+def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False) -> Tensor:
+    """Σ_X VIF-P(X, F) (Sheikh & Bovik 2006, pixel domain, 4 scales), per (B, C).
+
+    The statistics of F are computed once for all sources. Gaussian windows are applied in float64 by
+    FFT ('valid' region of a circular correlation), on data centred on 127.5 (variances are shift
+    invariant; the normalised windows keep the data centred across scales).
+    """
+    centre = 0.0 if clip_products else CENTRE  # uint8 saturation (tang_legacy) needs raw values
+    f = f.to(torch.float64) - centre
+    xs = [x.to(torch.float64) - centre for x in sources]
+    num = [0.0] * len(xs)
+    den = [0.0] * len(xs)
     for scale in range(1, 5):
         n = 2 ** (5 - scale) + 1
-        win = gaussian_1d(n, n / 5.0, device=ref.device, dtype=dtype)
-        if scale > 1:  # normalised window: filtering keeps the data centred
-            ref = window_filter(ref, win)[..., ::2, ::2]
-            dist = window_filter(dist, win)[..., ::2, ::2]
-        mu1, mu2 = window_filter(ref, win), window_filter(dist, win)
-        rr, dd, rd = ref * ref, dist * dist, ref * dist
-        if clip_products and scale == 1:
-            rr, dd, rd = rr.clamp(max=255), dd.clamp(max=255), rd.clamp(max=255)
-        s1 = (window_filter(rr, win) - mu1 * mu1).clamp(min=0).to(torch.float64)
-        s2 = (window_filter(dd, win) - mu2 * mu2).clamp(min=0).to(torch.float64)
-        s12 = (window_filter(rd, win) - mu1 * mu2).to(torch.float64)
-        s1, s2, s12 = torch.broadcast_tensors(s1, s2, s12)
-        g = s12 / (s1 + eps)
-        sv = s2 - g * s12
-        low1 = s1 < eps
-        g = torch.where(low1, torch.zeros_like(g), g)
-        sv = torch.where(low1, s2, sv)
-        s1 = torch.where(low1, torch.zeros_like(s1), s1)
-        low2 = s2 < eps
-        g = torch.where(low2, torch.zeros_like(g), g)
-        sv = torch.where(low2, torch.zeros_like(sv), sv)
-        neg = g < 0
-        sv = torch.where(neg, s2, sv)
-        g = torch.where(neg, torch.zeros_like(g), g)
-        sv = sv.clamp(min=eps)
-        num = num + torch.log10(1 + g * g * s1 / (sv + sigma_nsq)).sum(dim=(-2, -1))
-        den = den + torch.log10(1 + s1 / sigma_nsq).sum(dim=(-2, -1))
-    return num / den
+        win = gaussian_1d(n, n / 5.0, device=f.device)
+        if scale > 1:
+            pre = fft_filter_valid(win, tuple(f.shape[-2:]), f.device)
+            f = pre(f)[..., ::2, ::2]
+            xs = [pre(x)[..., ::2, ::2] for x in xs]
+        filt = fft_filter_valid(win, tuple(f.shape[-2:]), f.device)
+        clip = (lambda t: t.clamp(max=255)) if clip_products and scale == 1 else (lambda t: t)
+        mu_f = filt(f)
+        s2 = (filt(clip(f * f)) - mu_f * mu_f).clamp(min=0)
+        for i, x in enumerate(xs):
+            mu_x = filt(x)
+            s1 = (filt(clip(x * x)) - mu_x * mu_x).clamp(min=0)
+            s12 = filt(clip(x * f)) - mu_x * mu_f
+            nu, de = _vif_terms(s1, s2, s12)
+            num[i] = num[i] + nu
+            den[i] = den[i] + de
+    return sum(nu / de for nu, de in zip(num, den))
 
 
 @register_metric(
@@ -162,7 +194,7 @@ def _vif_single(ref: Tensor, dist: Tensor, *, clip_products: bool = False) -> Te
     reference="Sheikh & Bovik, IEEE TIP 15(2), 2006 (VIF-P, vifp_mscale)",
 )
 def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
-    """Pixel-domain visual information fidelity VIF(A,F) + VIF(B,F) (range ≈ 0–2).
+    """Pixel-domain visual information fidelity VIF(A,F) + VIF(B,F) (range ≈ 0–2), in float64.
 
     4 scales; Gaussian windows N_s = 2^(5−s)+1, σ = N_s/5, 'valid' filtering, filter-and-decimate by 2
     between scales; σ_n² = 2 (0–255 data); variances clamped at 0; the stabilising rules of the
@@ -173,20 +205,18 @@ def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     f, xa, xb = prepare(profile, fused, a, b)
     if min(f.shape[-2:]) < 65:  # four 'valid' scales: 17-tap, decimate, 9-tap, ... need ≥ 65 pixels
         raise ValueError(f"VIF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
-    clip = profile == "tang_legacy"
-    return channel_mean(_vif_single(xa, f, clip_products=clip) + _vif_single(xb, f, clip_products=clip))
+    return channel_mean(_vif_sum(f, (xa, xb), clip_products=profile == "tang_legacy"))
 
 
 def _uiqi_terms(x: Tensor, f: Tensor, size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """UIQI map Q0(x, f | w) and the window variances of x and f on size×size sliding windows."""
-    # float64: flat windows are detected by exact zero variances
+    # float64 running sums: flat windows are detected by exact zero variances
     xc, fc = _centred(x, torch.float64), _centred(f, torch.float64)
-    win = box_1d(size, device=f.device, dtype=xc.dtype)
-    mx, mf = window_filter(xc, win), window_filter(fc, win)
-    vx = (window_filter(xc * xc, win) - mx * mx).to(torch.float64)
-    vf = (window_filter(fc * fc, win) - mf * mf).to(torch.float64)
-    vxf = (window_filter(xc * fc, win) - mx * mf).to(torch.float64)
-    mx, mf = mx.to(torch.float64) + CENTRE, mf.to(torch.float64) + CENTRE
+    mx, mf = box_filter_valid(xc, size), box_filter_valid(fc, size)
+    vx = box_filter_valid(xc * xc, size) - mx * mx
+    vf = box_filter_valid(fc * fc, size) - mf * mf
+    vxf = box_filter_valid(xc * fc, size) - mx * mf
+    mx, mf = mx + CENTRE, mf + CENTRE
     n = size * size
     # unbiased (N−1) statistics as in Wang & Bovik's img_qi.m; the ratio makes the normalisation cancel
     vx, vf, vxf = vx * n / (n - 1), vf * n / (n - 1), vxf * n / (n - 1)
