@@ -62,7 +62,8 @@ def _plot(series, keys: Sequence[str], title: str, out: Path, split_axes: bool) 
         for key in members:
             steps, values = series[key]
             ax.plot(steps, values, label=key.rsplit("/", 1)[-1], marker="." if len(steps) < 30 else None)
-        ax.set_title(family)
+        if split_axes:
+            ax.set_title(family)
         ax.set_xlabel("iteration")
         positive = all(v > 0 for k in members for v in series[k][1])
         spread = [v for k in members for v in series[k][1]]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from experiments.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, strip_checkpoint
+from experiments.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiments.config import (
     TASK_CHOICES,
     ConfigError,
@@ -242,15 +242,19 @@ def _holdout_subset(base, role: str, every: int):
         def __repr__(self) -> str:
             return f"HoldoutSubset({self.base!r}, role={self.role!r}, every={every}, n={len(self)})"
 
-    n = len(base)
+    indices = holdout_indices(len(base), role, every)
+    if not indices:
+        raise DataError(f"data.holdout={every} leaves no {role} images out of {len(base)}")
+    return HoldoutSubset(base, indices, role)
+
+
+def holdout_indices(n: int, role: str, every: int) -> list[int]:
+    """Sorted positions of ``role`` ∈ {train, ul, test} under ``data.holdout=every`` (a fixed split, so that
+    evaluation scripts can rebuild the test set of a run without its config)."""
     pick = {"test": lambda i: i % every == 0, "ul": lambda i: i % every == every // 2}
     if role in pick:
-        indices = [i for i in range(n) if pick[role](i)]
-    else:
-        indices = [i for i in range(n) if not (pick["test"](i) or pick["ul"](i))]
-    if not indices:
-        raise DataError(f"data.holdout={every} leaves no {role} images out of {n}")
-    return HoldoutSubset(base, indices, role)
+        return [i for i in range(n) if pick[role](i)]
+    return [i for i in range(n) if not (pick["test"](i) or pick["ul"](i))]
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,10 @@ def create_split(cfg: RunConfig, spec: DataSpec, role: str):
     if spec.name == "synthetic":
         scene = max(d.scene or d.crop, d.crop)
         size = scene if role != "test" else (d.test_size or scene)
-        length = {"train": d.length, "ul": d.ul_length, "test": d.test_length}[role]
-        kwargs = {"size": size, "length": length, **kwargs}
+        # Per-constraint data may size its own roles (``tasks.seg.data_kwargs={"length": 2048, "test_length": 64}``).
+        lengths = {"train": kwargs.pop("length", d.length), "ul": kwargs.pop("ul_length", d.ul_length),
+                   "test": kwargs.pop("test_length", d.test_length)}
+        kwargs = {"size": size, **({"length": lengths[role]} if lengths[role] else {}), **kwargs}
         return create_dataset("synthetic", None, split=split, **kwargs)
     if spec.root is None:
         raise DataError(f"dataset {spec.name!r} needs a folder: pass --data-root PATH (or set ${ENV_DATA_ROOT}; "

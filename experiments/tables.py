@@ -12,7 +12,8 @@ whatever the folders hold:
 * **segmentation** in the layout of BDL's Table 3: per class Acc and IoU, then mAcc and mIoU, in percent
   (from ``seg_per_class.csv``; the "unlabelled" class is listed only with ``--seg-classes all``, but the
   means are the run's own, over all classes as evaluated);
-* **detection**: per-class AP@0.5 and mAP@0.5 (from ``det_per_class.csv``).
+* **detection**: per-class AP@0.5 and mAP@0.5 (from ``det_per_class.csv``);
+* with ``--rank NAME``: the rank of NAME on each fusion metric among the other methods plus itself.
 
 ``--paper PRESET`` adds the published rows of ``experiments/paper_values/PRESET.csv`` (only the numbers the
 paper gives; missing cells are shown as "–"). Markdown goes to stdout (``--format tex`` for LaTeX);
@@ -32,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-__all__ = ["Source", "load_sources", "fusion_table", "seg_table", "det_table", "render", "main"]
+__all__ = ["Source", "load_sources", "fusion_table", "rank_table", "seg_table", "det_table", "render", "main"]
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper_values"
 LOWER_IS_BETTER = {"CE", "MSE", "RMSE", "Nabf", "Qcv"}    # contracts.md
@@ -173,6 +174,37 @@ def fusion_table(sources: Sequence[Source], metrics: Sequence[str] | None = None
     return Table("Fusion metrics (means over the test images; best in bold)", ["Method", *arrows], rows)
 
 
+def rank_table(sources: Sequence[Source], ranked: Sequence[str], metrics: Sequence[str] | None = None) -> Table | None:
+    """Rank (1 = best) of each method in ``ranked`` among the *other* methods plus itself, per metric.
+
+    Why "plus itself": a paper ranks its model among the published ones; our own variants (e.g. ablations)
+    must not push one another down. Ties share the better rank; a missing value has no rank.
+    """
+    base = fusion_table(sources, metrics)
+    if base is None or not ranked:
+        return None
+    cols = [h.rsplit(" ", 1)[0] for h in base.header[1:]]
+    by_name = {s.method: s for s in sources}
+    unknown = [m for m in ranked if m not in by_name]
+    if unknown:
+        raise ValueError(f"--rank: no method named {', '.join(unknown)}; methods: {', '.join(by_name)}")
+    others = [s for s in sources if s.method not in ranked]
+    rows = []
+    for name in ranked:
+        cells = [(name, False)]
+        for m in cols:
+            v = by_name[name].metrics.get(m, math.nan)
+            field_ = [o.metrics.get(m, math.nan) for o in others]
+            if not math.isfinite(v):
+                cells.append((DASH, False))
+                continue
+            better = sum(1 for o in field_ if math.isfinite(o) and (o > v if _direction(m) else o < v))
+            cells.append((str(1 + better), better == 0))
+        rows.append(cells)
+    return Table(f"Rank among the {len(others)} other methods plus itself (1 = best)",
+                 ["Method", *(f"{m} {'↑' if _direction(m) else '↓'}" for m in cols)], rows)
+
+
 def seg_table(sources: Sequence[Source], include_unlabelled: bool = False) -> Table | None:
     """BDL Table 3 layout: per class Acc / IoU, then mAcc / mIoU (percent)."""
     with_seg = [s for s in sources if s.seg is not None or "mIoU" in s.metrics]
@@ -266,9 +298,10 @@ def render(tables: Sequence[Table], fmt: str) -> str:
 
 
 def build_tables(sources: Sequence[Source], metrics: Sequence[str] | None = None,
-                 include_unlabelled: bool = False) -> list[Table]:
+                 include_unlabelled: bool = False, ranked: Sequence[str] = ()) -> list[Table]:
     fusion_sources = [s for s in sources if not s.paper]
-    tables = [fusion_table(fusion_sources, metrics), seg_table(sources, include_unlabelled), det_table(sources)]
+    tables = [fusion_table(fusion_sources, metrics), rank_table(fusion_sources, ranked, metrics),
+              seg_table(sources, include_unlabelled), det_table(sources)]
     return [t for t in tables if t is not None]
 
 
@@ -280,6 +313,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="append", default=[], help="add published rows of paper_values/NAME.csv")
     p.add_argument("--seg-classes", choices=("labelled", "all"), default="labelled",
                    help="'all' also lists the unlabelled class")
+    p.add_argument("--rank", action="append", default=[],
+                   help="also rank this method among the others (repeatable; comma-separated names allowed)")
     p.add_argument("--format", choices=("md", "tex"), default="md", help="what to print")
     p.add_argument("--out", help="also write tables.md and tables.tex into this folder")
     return p
@@ -294,7 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tables = build_tables(sources, args.metrics.split(",") if args.metrics else None, args.seg_classes == "all")
+    ranked = [name for spec in args.rank for name in spec.split(",") if name]
+    try:
+        tables = build_tables(sources, args.metrics.split(",") if args.metrics else None,
+                              args.seg_classes == "all", ranked)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not tables:
         print("error: no results to tabulate", file=sys.stderr)
         return 2

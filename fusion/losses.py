@@ -420,11 +420,15 @@ class FusionLoss(nn.Module):
                 f"batch/spatial sizes differ: fused {tuple(fused.shape)}, ir {tuple(ir.shape)}, "
                 f"vis {tuple(vis.shape)}"
             )
+        # Always fp32, autocast off: under bf16 autocast the SSIM convolutions would run in bf16, and its
+        # variances E[x²] − E[x]² cancel catastrophically there (the loss then trains towards noise).
+        fused, ir, vis = fused.float(), ir.float(), vis.float()
         if fused.shape[1] == 1:
             ir, vis = luminance(ir), luminance(vis)
         else:
             ir, vis = as_rgb(ir), as_rgb(vis)
-        parts = self.terms(fused, ir, vis, mask)
+        with torch.autocast(fused.device.type, enabled=False):
+            parts = self.terms(fused, ir, vis, mask)
         total = sum(self.weights[k] * v for k, v in parts.items())
         out = dict(parts)
         for name, value in (aux_losses or {}).items():

@@ -102,13 +102,19 @@ class Task(nn.Module):
                 if len(value) != fused.shape[0]:
                     raise ValueError(f"batch[{key!r}] holds {len(value)} entries for {fused.shape[0]} fused images")
 
-    def lower_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Lower-level objective f_k(z, y_k); ``fused`` is expected detached."""
+    def loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The task's supervised loss dict (``loss`` = the total) on ``fused``."""
         raise NotImplementedError
 
+    def lower_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Lower-level objective f_k(z, y_k); ``fused`` is expected detached. Supervised tasks train the
+        network on the same loss the fusion net is judged by, so the default is :meth:`loss`."""
+        return self.loss(fused, batch)
+
     def upper_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Upper-level objective F_k(z, y_k), differentiable w.r.t. ``fused`` and the parameters."""
-        raise NotImplementedError
+        """Upper-level objective F_k(z, y_k), differentiable w.r.t. ``fused`` and the parameters (default:
+        :meth:`loss`; the critic overrides both levels)."""
+        return self.loss(fused, batch)
 
     def evaluate(self, pairs: Iterable[tuple[Tensor, Mapping[str, Any]]]) -> dict[str, float]:
         """Task metrics over ``(fused, batch)`` pairs."""

@@ -372,14 +372,6 @@ class DetTask(Task):
         parts = self.detector.losses(self.prepare(fused), targets)
         return {"loss": sum(parts.values()), **parts}
 
-    def lower_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """f_det: the summed detection losses on the (detached) fused image."""
-        return self.loss(fused, batch)
-
-    def upper_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """F_det: the same losses, differentiable w.r.t. the fused image and the detector."""
-        return self.loss(fused, batch)
-
     @torch.no_grad()
     def evaluate(self, pairs: Iterable[tuple[Tensor, Mapping[str, Any]]]) -> dict[str, float]:
         """VOC AP@0.5 (``mAP50``, ``AP50/<c>``) and COCO (``coco/mAP``, ``coco/AP50``, ``coco/AP75``, ``coco/AP/<c>``)."""

@@ -126,14 +126,6 @@ class SegTask(Task):
             out["loss"] = ce + self.dice_weight * dice
         return out
 
-    def lower_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """f_seg: the segmentation loss of the network on the (detached) fused image."""
-        return self.loss(fused, batch)
-
-    def upper_loss(self, fused: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """F_seg: the same loss, differentiated w.r.t. the fused image (and the network)."""
-        return self.loss(fused, batch)
-
     @torch.no_grad()
     def evaluate(self, pairs: Iterable[tuple[Tensor, Mapping[str, Any]]]) -> dict[str, float]:
         """MFNet protocol over all pixels of all pairs: ``mIoU``, ``mAcc``, ``aAcc``, ``IoU/<c>``, ``Acc/<c>``."""

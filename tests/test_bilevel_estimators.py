@@ -15,16 +15,8 @@ from bilevel import hypergrad, list_hypergrads
 
 DT = torch.float64
 # torch.func's forward-mode decompositions (hessian/jacfwd in the references) call the deprecated jit.script.
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread avoids OpenMP spin-waiting on a loaded 2-core machine (up to 100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]   # tiny float64 problems
 
 
 # ------------------------------------------------------------------------------------------ toy problems

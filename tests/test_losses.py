@@ -247,3 +247,17 @@ def test_shape_checks_are_actionable():
         loss_fn(torch.rand(2, 2, 32, 32), ir, vis)
     with pytest.raises(ValueError, match="sizes differ"):
         loss_fn(torch.rand(2, 1, 32, 30), ir, vis)
+
+
+@pytest.mark.parametrize("name", ["bdl", "max_grad_ssim"])
+def test_loss_is_fp32_under_bf16_autocast(name):
+    """Inside a bf16 autocast region (the bi-level step's), the loss must equal its fp32 value: SSIM's
+    variances computed in bf16 cancel catastrophically and once trained the BDL net towards noise."""
+    ir, vis = _pair(h=64, w=64)
+    fused = (0.5 * luminance(ir) + 0.5 * luminance(vis) + 0.01 * torch.randn(2, 1, 64, 64)).to(torch.bfloat16)
+    loss = create_fusion_loss(name)
+    reference = loss(fused.float(), ir, vis)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = loss(fused, ir, vis)["loss"]
+    assert under_amp.dtype == torch.float32
+    torch.testing.assert_close(under_amp, reference, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,8 @@ def runs(tmp_path) -> list[Path]:
     _write(b / "eval" / "det_per_class.csv", ["class", "AP50", "coco_AP"], [["People", 0.3, 0.1], ["Car", 0.2, 0.1]])
     # an evaluate.py folder: several methods in one summary.csv
     c = tmp_path / "vifb"
-    _write(c / "summary.csv", ["method", "n_images", "EN", "RMSE"], [["IFCNN", 21, 6.9, 0.05], ["U2Fusion", 21, 7.1, 0.3]])
+    _write(c / "summary.csv", ["method", "n_images", "EN", "RMSE"],
+           [["IFCNN", 21, 6.9, 0.05], ["U2Fusion", 21, 7.1, 0.3]])
     return [a, b, c]
 
 
@@ -99,3 +100,15 @@ def test_paper_values_are_the_published_numbers() -> None:
     assert seg["BDL (paper)"] == {"mIoU": 0.554, "mAcc": 0.736}
     assert det == {"BDL (paper)": {"mAP50": 0.531}, "U2Fusion (paper)": {"mAP50": 0.465},
                    "TarDAL (paper)": {"mAP50": 0.404}}
+
+
+def test_rank_table_ranks_each_variant_among_the_others(runs, capsys) -> None:
+    sources = tables.load_sources(runs)
+    t = tables.rank_table(sources, ["ours", "ablation"])
+    ranks = {row[0][0]: [text for text, _ in row[1:]] for row in t.rows}
+    # EN (higher better): others are IFCNN 6.9, U2Fusion 7.1 -> ours 7.0 is 2nd, ablation 6.5 is 3rd
+    # RMSE (lower better): IFCNN 0.05, U2Fusion 0.3 -> ours 0.20 is 2nd, ablation 0.10 is 2nd
+    assert ranks == {"ours": ["2", "2"], "ablation": ["3", "2"]}
+    assert "2 other methods" in t.caption
+    assert tables.main([str(p) for p in runs] + ["--rank", "ours,nobody"]) == 2
+    assert "no method named nobody" in capsys.readouterr().err
