@@ -6,12 +6,13 @@ upper/lower pair. See ``bilevel.estimators``, ``bilevel.aggregate`` and ``bileve
 
 from .aggregate import Aggregator, aggregate, create_aggregator, list_aggregators
 from .estimators import hypergrad, list_hypergrads
-from .step import BilevelStep, Constraint
+from .step import BilevelStep, Constraint, UpperOutput
 
 __all__ = [
     "Aggregator",
     "BilevelStep",
     "Constraint",
+    "UpperOutput",
     "aggregate",
     "create_aggregator",
     "hypergrad",

@@ -14,7 +14,7 @@ name                   weights                                                  
 ``mean``               w = 1/K                                                                 —
 ``fixed``              w = ``weights``                                                         —
 ``bdl_released``       w = ½ (what the released BDL code applies: its random weights cancel    —
-                       through a ``.grad`` aliasing bug, method.md §3.1)
+                       through a ``.grad`` aliasing bug, docs/method.md)
 ``rlw``                w = scale·softmax(z), z ~ N(0, I_K) from a seeded generator in ``state``  —
 ``gradnorm_softmax``   n_k = ‖g_k‖/mean_j‖g_j‖, w = softmax(−n/τ); ``unit=True``:                  diag(M)
                        w_k ← w_k·mean_j‖g_j‖/‖g_k‖ (d = mean‖g‖·Σ w_k g_k/‖g_k‖). Our design.
@@ -28,17 +28,21 @@ name                   weights                                                  
 All K-space problems are solved in float64 torch on the CPU (one K×K transfer; no scipy). ``state`` holds only
 tensors and numbers, so it round-trips through ``torch.load(weights_only=True)``.
 
-References: method.md §3; LibMTL (``median-research-group/LibMTL``) for DWA/UW/MGDA/CAGrad defaults; Yu et al.
+References: ``docs/method.md``; LibMTL (``median-research-group/LibMTL``) for DWA/UW/MGDA/CAGrad defaults;
+Yu et al.
 2020 (PCGrad); Sener & Koltun 2018 (MGDA); Liu et al. 2021 (CAGrad); Lin et al. 2022 (RLW).
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .registry import lookup
 
 Row = Sequence[Tensor]
 
@@ -58,13 +62,19 @@ def list_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def aggregator_parameters(name: str) -> list[inspect.Parameter]:
+    """Constructor options of aggregator ``name`` with defaults and resolved type annotations."""
+    init = _REGISTRY[name].__init__
+    hints = typing.get_type_hints(init) if init is not object.__init__ else {}
+    return [p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
 def create_aggregator(name: str, **options) -> Aggregator:
     """Build an aggregator by name; unknown names or options raise with the valid ones listed."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(list_aggregators())}")
-    cls = _REGISTRY[name]
-    params = inspect.signature(cls.__init__).parameters.values()
-    valid = [p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    cls = lookup(_REGISTRY, "aggregator", name)
+    valid = [p.name for p in aggregator_parameters(name)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"aggregator {name!r} got unknown option(s) {unknown}; valid: {valid}")
@@ -234,7 +244,7 @@ class Fixed(Aggregator):
 
 @register_aggregator
 class BDLReleased(Aggregator):
-    """d = ½ Σ_k g_k: what BDL's released code applies (its softmax weights cancel, method.md §3.1)."""
+    """d = ½ Σ_k g_k: what BDL's released code applies (its softmax weights cancel, docs/method.md)."""
 
     name = "bdl_released"
 
@@ -356,7 +366,7 @@ def _project_simplex(v: Tensor) -> Tensor:
 def min_norm_weights(gram: Tensor, iters: int = 250, tol: float = 1e-6) -> Tensor:
     """α* = argmin_{α ∈ Δ_K} αᵀMα: closed form for K ≤ 2, Frank–Wolfe with exact line search beyond.
 
-    K = 2: γ = clip(⟨g_2 − g_1, g_2⟩/‖g_1 − g_2‖², 0, 1), α = (γ, 1 − γ). Frank–Wolfe (method.md §3.2) starts
+    K = 2: γ = clip(⟨g_2 − g_1, g_2⟩/‖g_1 − g_2‖², 0, 1), α = (γ, 1 − γ). Frank–Wolfe (docs/method.md) starts
     at α = 1/K and stops when the step γ < tol or after ``iters`` iterations.
     """
     k = gram.shape[0]

@@ -13,7 +13,7 @@ of the current point (x, y), given as sequences of tensors; it returns a tuple o
 - ``cg`` (2nd order): ∇ₓF − J v, (H + ridge·I) v = ∇_yF by ``iters`` conjugate-gradient steps.
 - ``neumann`` (2nd order): ∇ₓF − J v, v = α Σ_{j=0..iters} (I − αH)ʲ ∇_yF (``iters`` HVPs, iters+1 terms).
 - ``bdl_code`` (1st order), REPRODUCTION ONLY — the released BDL update: ∇ₓF + η (⟨∇_yF, ∇_yf⟩ /
-  (‖∇_yf‖² + eps)) ∇ₓh (sign flipped, scaled by the LL learning rate η; method.md §2b).
+  (‖∇_yf‖² + eps)) ∇ₓh (sign flipped, scaled by the LL learning rate η; see ``docs/method.md``).
 
 Hessian- and mixed-vector products are double-backward products (``autograd.grad`` of ``∇_y f`` with
 ``grad_outputs``), never forward-mode, because many operators lack forward-mode AD. Working copies of x and y
@@ -24,17 +24,20 @@ DDP: every estimator takes ``reduce`` (e.g. an all-reduce-mean). It is applied t
 ∇_yf, Hessian-vector products), so the gn scalars and the CG/Neumann solves use the global batch; the returned
 x-row is per-rank and must still be reduced by the caller. ``unrolled`` runs its inner loop per rank.
 
-References: method.md §2 (this repository's docs); BOAT (``callous-youth/BOAT``), Betty
+References: ``docs/method.md``; BOAT (``callous-youth/BOAT``), Betty
 (``leopard-ai/betty``), LwCL (Liu et al., TPAMI 2024), DARTS (Liu et al., ICLR 2019).
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .registry import lookup
 
 Objective = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 Reduce = Callable[[Tensor], Tensor]
@@ -67,11 +70,17 @@ def list_hypergrads() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def hypergrad_parameters(method: str) -> list[inspect.Parameter]:
+    """Keyword options of ``method`` with defaults and resolved type annotations (configs derive from them)."""
+    fn = _get(method)
+    hints = typing.get_type_hints(fn)
+    return [p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in list(inspect.signature(fn).parameters.values())[4:]]
+
+
 def hypergrad_options(method: str) -> dict[str, object]:
     """Keyword options of ``method`` mapped to their defaults (``inspect.Parameter.empty`` when required)."""
-    fn = _get(method)
-    params = list(inspect.signature(fn).parameters.values())[4:]
-    return {p.name: p.default for p in params}
+    return {p.name: p.default for p in hypergrad_parameters(method)}
 
 
 def check_hypergrad_options(method: str, options: dict, *, provided: Sequence[str] = ()) -> None:
@@ -142,9 +151,7 @@ def hypergrad(
 
 
 def _get(method: str) -> Callable[..., tuple[Tensor, ...]]:
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown hypergradient {method!r}; choose from {', '.join(list_hypergrads())}")
-    return _REGISTRY[method]
+    return lookup(_REGISTRY, "hypergradient estimator", method)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -278,7 +285,7 @@ def _bdl_code(
     """REPRODUCTION ONLY — the update of the released BDL code: ∇ₓF + η(a/b)∇ₓh, h = ``correction`` or f.
 
     The sign is flipped relative to Gauss–Newton and the term is scaled by the LL learning rate η, so in
-    practice g ≈ ∇ₓF (method.md §2b, §5.2). Do not use it for new results.
+    practice g ≈ ∇ₓF (see ``docs/method.md``). Do not use it for new results.
     """
     gFx, gfx, ratio = _gn_parts(upper, lower, xs, ys, eps, reduce)
     if correction is not None:
@@ -311,7 +318,7 @@ def _unrolled(
     xs,
     ys,
     *,
-    steps: int,
+    steps: int = 1,
     lr: float,
     backend: str = "func",
     truncate: int | None = None,
@@ -397,7 +404,7 @@ def _cg(
     xs,
     ys,
     *,
-    iters: int,
+    iters: int = 10,
     ridge: float = 0.0,
     tol: float = 1e-12,
     reduce: Reduce | None = None,
@@ -434,7 +441,7 @@ def _cg(
 
 
 @register_hypergrad("neumann", second_order=True)
-def _neumann(upper, lower, xs, ys, *, iters: int, alpha: float, reduce: Reduce | None = None):
+def _neumann(upper, lower, xs, ys, *, iters: int = 10, alpha: float, reduce: Reduce | None = None):
     """IFT with H⁻¹ ≈ α Σ_{j=0..iters} (I − αH)ʲ; converges when α < 2/λ_max(H) (usual choice: the LL lr)."""
 
     def solve(hvp, b):

@@ -1,37 +1,62 @@
 """The bi-level step: lower-level updates, per-constraint hypergradients, aggregation, one upper update.
 
-One call of :meth:`BilevelStep.step` is one iteration t of method.md §1:
+Streams. Batches arrive by stream name: :meth:`BilevelStep.step` and :meth:`BilevelStep.warmup` take a
+mapping stream → batch. Constraint k reads its LL batch from ``ll_stream`` (default ``"<k>/ll"``) and its UL
+batch from ``ul_stream`` (default ``"<k>/ul"``); the standalone upper row ``"fusion"`` reads ``upper_stream``.
+The upper net is forwarded at most once per stream and iteration (again only when a graph becomes due), so
+constraints that name the same stream share one forward. A missing stream raises a ``KeyError`` naming it
+and its users.
 
-1. Forward the upper net once per distinct LL batch (``no_grad``, unless an upper step follows on the image
+Upper output. ``forward(upper, batch)`` returns a tensor or an :class:`UpperOutput` ``(value, aux)``: the
+constraints see ``value``; ``aux`` are the upper net's own scalar losses (e.g. a mixture-of-experts balance
+term), already weighted. They enter only the standalone row, which is ``upper_loss(value, batch) + Σ aux`` of
+the ``upper_stream`` forward. Without ``upper_loss`` that row is ``Σ aux`` alone when the forward has aux (so
+they never vanish silently; the upper stream is then looked at only once a forward of the iteration returned
+aux), and a step with neither has no such row (the row count K may therefore depend on the net).
+
+One call of :meth:`BilevelStep.step` is one iteration t of the method (see ``docs/method.md``):
+
+1. Forward the upper net once per distinct LL stream (``no_grad``, unless an upper step follows on the image
    path, where the graph is kept for the final vector–Jacobian product).
 2. For each constraint k: ``lower_steps`` optimiser steps on f_k(sg z, LL batch). The fused image is detached,
-   so LL backward passes never write into the upper parameters' ``.grad`` (method.md §5.7).
+   so LL backward passes never write into the upper parameters' ``.grad``.
 3. If (t + 1) mod ``ul_every`` = 0: each constraint's hypergradient on its UL batch by the chosen estimator,
-   aggregation, ``.grad`` of the upper parameters, optional clipping, one upper optimiser step.
+   the standalone row's plain gradient, aggregation, ``.grad`` of the upper parameters, optional clipping, one
+   upper optimiser step.
+
+:meth:`BilevelStep.warmup` is the engine's warm-up phase: the same LL phase, then one upper update from the
+standalone row alone (its plain gradient, no hypergradients, no aggregator) through the same update code
+(DDP reduce, clipping, scheduler, non-finite skip). It ignores ``ul_every`` and does not advance
+``iteration``. Its forward order (upper stream with a graph first, then the LL streams in constraint order)
+and its ``upper_loss`` evaluated outside autocast reproduce the runner's former hand-written warm-up.
 
 Two ways to get the hypergradients (``path``):
 
-* ``"image"`` (default, fast). Every constraint sees the upper parameters x only through fused images z_b
-  (one per distinct batch b), so each row is g_k = Σ_b J_bᵀ u_{k,b}, J_b = ∂z_b/∂x. The image-space
-  gradients u_{k,b} come from running the estimator with the images as the upper variables
+* ``"image"`` (default, fast). Every constraint sees the upper parameters x only through fused images z_s
+  (one per distinct stream s), so each row is g_k = Σ_s J_sᵀ u_{k,s}, J_s = ∂z_s/∂x. The image-space
+  gradients u_{k,s} come from running the estimator with the images as the upper variables
   (``hypergrad(method, F̃_k, f̃_k, (z_UL, z_LL), y_k)``); only the constraint nets are differentiated. The
   weights come from image-space statistics (‖u_k‖, losses), then ONE backward pass applies
-  Σ_b J_bᵀ(Σ_k w_k u_{k,b}) for all distinct batches at once. Rules that need the parameter-space Gramian
-  (``mgda``, ``pcgrad``, ``cagrad``) cannot run here; asking for them switches to ``"param"`` with a warning.
-  Diagnostics on this path: ``hypergrad/norm/<k>`` is the image-space norm ‖u_k‖, and
-  ``hypergrad/cos/<a>-<b>`` is reported only for pairs whose rows live on the same batches.
-  ``gradnorm_softmax`` therefore weighs by image-space norms, a proxy for the parameter-space norms (same
-  rule, different statistic).
+  Σ_s J_sᵀ(Σ_k w_k u_{k,s}) for all streams at once, together with w_fusion·Σ aux through the upper stream's
+  graph. Rules that need the parameter-space Gramian (``mgda``, ``pcgrad``, ``cagrad``) cannot run here;
+  asking for them switches to ``"param"`` with a warning. Diagnostics on this path: ``hypergrad/norm/<k>`` is
+  the image-space norm ‖u_k‖ — for the standalone row that is ‖∂upper_loss/∂value‖ only: the aux part has no
+  image-space gradient and is not in that statistic (an aux-only row has norm 0, so
+  ``gradnorm_softmax(unit=True)`` gives it weight 0) — and ``hypergrad/cos/<a>-<b>`` is reported only for
+  pairs whose rows live on the same streams. ``gradnorm_softmax`` therefore weighs by image-space norms, a
+  proxy for the parameter-space norms (same rule, different statistic).
 * ``"param"`` (exact rows). Each row is ``hypergrad(method, F_k, f_k, x, y_k)`` with the upper net called
-  functionally (``torch.func.functional_call``), one backward through the upper net per row and term. All
-  aggregators; diagnostics are parameter-space norms and cosines.
+  functionally (``torch.func.functional_call``), one backward through the upper net per row and term; the
+  standalone row's re-forward returns the aux too. All aggregators; diagnostics are parameter-space norms and
+  cosines.
 
 For the same weights both paths give the same update (tested in float64).
 
-Batch-norm and other running buffers: the upper net's buffers are updated only by the LL-batch forwards of
-step 1; every other forward (UL batches, the param path's re-forwards) and all estimator forwards of the
-constraint nets run in the modules' current mode and their buffers are restored afterwards (pass
-``constraint_eval=True`` to evaluate the constraint nets in eval mode instead).
+Batch-norm and other running buffers: in :meth:`~BilevelStep.step` the upper net's buffers are updated only by
+the LL-stream forwards of step 1; every other forward (UL streams, the param path's re-forwards) and all
+estimator forwards of the constraint nets run in the modules' current mode and their buffers are restored
+afterwards (pass ``constraint_eval=True`` to evaluate the constraint nets in eval mode instead). The warm-up's
+upper-stream forward moves them too, as a plain training step does.
 
 Mixed precision: ``amp_dtype=torch.bfloat16`` runs forwards and losses under ``torch.autocast`` (CPU and
 CUDA); the constraints receive fused images cast to float32, image-space gradients are cast back.
@@ -40,14 +65,15 @@ Non-finite values: the LL losses of all constraints are checked before any LL op
 the whole iteration (no LL and no UL update, ``nonfinite=1``). With ``lower_steps > 1`` the check runs at each
 inner step, so earlier inner steps stay. A non-finite UL loss, hypergradient or combined gradient skips the
 upper update (the LL steps of that iteration, whose losses were finite, stay) and also reports
-``nonfinite=1``.
+``nonfinite=1``. The warm-up follows the same rules.
 
 DDP: pass the plain (unwrapped) modules and ``reduce`` = an all-reduce-mean. It is applied to (1) each
 constraint's LL gradients before its optimiser step, (2) the y-space vectors inside the estimators (see
-``bilevel.estimators``), (3) the per-constraint statistics used by the weights (losses, squared norms, dot
-products), and (4) the final parameter gradient on the image path — the image-space u's are per-sample and
-never reduced — or the stacked parameter-space rows on the param path (so Gramian rules see global rows).
-On the image path, ``gradnorm_softmax(unit=True)`` then scales by the rank-mean image norm.
+``bilevel.estimators``), (3) the per-row statistics used by the weights and the diagnostics (losses, aux
+values, squared norms, dot products), and (4) the final parameter gradient on the image path and in the
+warm-up — the image-space u's are per-sample and never reduced — or the stacked parameter-space rows on the
+param path (so Gramian rules see global rows). On the image path, ``gradnorm_softmax(unit=True)`` then scales
+by the rank-mean image norm.
 """
 
 from __future__ import annotations
@@ -56,7 +82,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,17 +91,32 @@ from torch import Tensor, nn
 from .aggregate import combine, create_aggregator, gramian
 from .estimators import USES_LOWER_X, check_hypergrad_options, hypergrad
 
-# Options that default to the constraint optimiser's current learning rate (method.md §2: ξ, α, η = LL lr).
+# Options that default to the constraint optimiser's current learning rate (ξ, α, η = LL lr).
 _LR_DEFAULTS = {"fd": "xi", "unrolled": "lr", "neumann": "alpha", "bdl_code": "eta"}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ROW = "fusion"  # name of the standalone upper row
+
+
+@dataclass(frozen=True)
+class UpperOutput:
+    """What ``forward(upper, batch)`` may return instead of a bare tensor.
+
+    Attributes:
+        value: what the constraints see (e.g. the fused image).
+        aux: the upper net's own scalar losses, already weighted by the caller; only the standalone upper
+            row adds them (see the module docstring).
+    """
+
+    value: Tensor
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Constraint:
-    """One lower level: its parameters y_k (``module``), optimiser and the two objectives.
+    """One lower level: its parameters y_k (``module``), optimiser, the two objectives and their streams.
 
     Attributes:
-        name: key in the batch mappings and in the diagnostics.
+        name: the row's name in the diagnostics.
         module: the lower-level net (e.g. a task); its trainable parameters are y_k.
         optimizer: optimiser over ``module``'s parameters (LL steps).
         lower_loss: f_k(z, ll_batch) → scalar; called on the detached fused image for LL steps and on the
@@ -84,6 +125,8 @@ class Constraint:
             ``"loss"``.
         scheduler: stepped after every LL optimiser step.
         lower_steps: LL optimiser steps per iteration.
+        ll_stream: stream of the LL batch; None means ``f"{name}/ll"``.
+        ul_stream: stream of the UL batch; None means ``f"{name}/ul"``.
     """
 
     name: str
@@ -93,6 +136,8 @@ class Constraint:
     upper_loss: Callable[[Tensor, Any], Tensor]
     scheduler: Any = None
     lower_steps: int = 1
+    ll_stream: str | None = None
+    ul_stream: str | None = None
 
 
 class _Bound(nn.Module):
@@ -111,11 +156,13 @@ class _Bound(nn.Module):
 class _Rows:
     """Per-row statistics of one upper step, and a callable writing Σ_k w_k g_k into the upper ``.grad``."""
 
+    names: list[str]
     losses: Tensor  # (K,) float64
     sq_norms: Tensor  # (K,) squared norms (image space on the image path)
     cos: dict[tuple[int, int], float]
     gram: Tensor | None  # (K, K) parameter-space Gramian; None on the image path
     apply: Callable[[Tensor], None]
+    aux: dict[str, float]  # the standalone row's aux terms (reduced), for the diagnostics
 
 
 class _Buffers:
@@ -138,6 +185,30 @@ def _loss(value, what: str) -> Tensor:
             f"{what} must return a scalar tensor (or a dict with 'loss'), got {type(value).__name__}"
         )
     return value.reshape(())
+
+
+def _as_output(out: Any) -> UpperOutput:
+    """``forward``'s result as an :class:`UpperOutput` (a bare tensor has no aux)."""
+    if isinstance(out, Tensor):
+        return UpperOutput(out)
+    if isinstance(out, UpperOutput) and isinstance(out.value, Tensor):
+        for name, v in out.aux.items():
+            if not isinstance(v, Tensor) or v.numel() != 1:
+                raise ValueError(f"aux loss {name!r} of forward(upper, batch) must be a scalar tensor")
+        return out
+    raise TypeError(f"forward(upper, batch) must return a tensor or an UpperOutput, got {type(out).__name__}")
+
+
+def _row_total(loss: Tensor | None, aux: Mapping[str, Tensor]) -> Tensor | None:
+    """The standalone row's objective: ``upper_loss`` (None when unset) plus every aux term."""
+    total = loss
+    for v in aux.values():
+        total = v.reshape(()) if total is None else total + v.reshape(())
+    return total
+
+
+def _stack64(values: Sequence[Tensor]) -> Tensor:
+    return torch.stack([v.reshape(()).double() for v in values])
 
 
 def _as_input(z: Tensor) -> Tensor:
@@ -170,10 +241,12 @@ class BilevelStep:
     Args:
         upper: the upper-level net (parameters x, e.g. the fusion net).
         upper_optimizer: optimiser over ``upper``'s parameters.
-        forward: ``forward(upper, batch) -> z`` (the fused image the constraints see).
-        constraints: the lower levels; names must be unique.
-        upper_loss: optional standalone UL loss on ``upper_batch`` (row ``"fusion"``, its plain gradient).
-            With no constraints this is single-level training.
+        forward: ``forward(upper, batch) -> Tensor | UpperOutput`` (what the constraints see, and the upper
+            net's weighted aux losses).
+        constraints: the lower levels; names must be unique (``"fusion"`` is reserved).
+        upper_loss: optional standalone UL loss on the ``upper_stream`` batch (row ``"fusion"``, its plain
+            gradient, plus the aux of that forward). With no constraints this is single-level training.
+        upper_stream: the stream of the standalone row.
         hypergrad: estimator name (``bilevel.list_hypergrads()``).
         hypergrad_options: its options; ``xi``/``lr``/``alpha``/``eta`` of fd/unrolled/neumann/bdl_code
             default to each constraint optimiser's current learning rate.
@@ -184,22 +257,25 @@ class BilevelStep:
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``) or None.
         grad_clip: max total norm of the upper gradient, or None.
         reduce: all-reduce-mean for DDP (see module docstring), or None.
-        upper_scheduler: stepped after every upper step.
+        upper_scheduler: stepped after every upper step (warm-up included).
         constraint_eval: evaluate the constraint nets in eval mode during hypergradients.
 
     Example:
-        >>> step = BilevelStep(net, opt, lambda m, b: m(b["ir"], b["vis"]), [seg, critic], ul_every=10)
-        >>> diag = step.step({"seg": b1, "critic": b2}, {"seg": v1, "critic": v2})  # doctest: +SKIP
+        >>> seg = Constraint("seg", seg_net, seg_opt, seg_loss, seg_loss, ll_stream="train", ul_stream="val")
+        >>> step = BilevelStep(net, opt, lambda m, b: m(b["ir"], b["vis"]), [seg], upper_loss=fusion_loss,
+        ...                    upper_stream="train", ul_every=10)  # doctest: +SKIP
+        >>> diag = step.step({"train": b1, "val": b2})  # doctest: +SKIP
     """
 
     def __init__(
         self,
         upper: nn.Module,
         upper_optimizer: torch.optim.Optimizer,
-        forward: Callable[[nn.Module, Any], Tensor],
+        forward: Callable[[nn.Module, Any], Tensor | UpperOutput],
         constraints: Sequence[Constraint],
         *,
         upper_loss: Callable[[Tensor, Any], Tensor] | None = None,
+        upper_stream: str = "upper",
         hypergrad: str = "gn",
         hypergrad_options: dict | None = None,
         aggregate: str = "gradnorm_softmax",
@@ -216,8 +292,8 @@ class BilevelStep:
         names = [c.name for c in self.constraints]
         if len(set(names)) != len(names):
             raise ValueError(f"constraint names must be unique, got {names}")
-        if upper_loss is not None and "fusion" in names:
-            raise ValueError("the name 'fusion' is reserved for the standalone upper loss row")
+        if _ROW in names:
+            raise ValueError(f"the name {_ROW!r} is reserved for the standalone upper row")
         if not self.constraints and upper_loss is None:
             raise ValueError("give at least one constraint or an upper_loss")
         if ul_every < 1:
@@ -236,22 +312,40 @@ class BilevelStep:
                 f"aggregator {aggregate!r} needs parameter-space rows; using path='param'", stacklevel=2
             )
             path = "param"
-        k = len(names) + (upper_loss is not None)
-        self.aggregator.weights(
-            torch.eye(k, dtype=torch.float64), torch.ones(k), {}
-        )  # e.g. fixed weights vs K
+        self._check_row_count(len(names), upper_loss is not None)
         self.upper, self.upper_optimizer, self.forward = upper, upper_optimizer, forward
-        self.upper_loss, self.upper_scheduler = upper_loss, upper_scheduler
+        self.upper_loss, self.upper_scheduler, self.upper_stream = upper_loss, upper_scheduler, upper_stream
         self.method, self.ul_every, self.path = hypergrad, int(ul_every), path
         self.amp_dtype, self.grad_clip, self.reduce = amp_dtype, grad_clip, reduce
         self.constraint_eval = constraint_eval
-        self.row_names = names + (["fusion"] if upper_loss is not None else [])
+        self.streams: dict[str, tuple[str, str]] = {
+            c.name: (
+                f"{c.name}/ll" if c.ll_stream is None else c.ll_stream,
+                f"{c.name}/ul" if c.ul_stream is None else c.ul_stream,
+            )
+            for c in self.constraints
+        }
         self.state: dict = {}
         self.iteration = 0
         self._upper_call = _Bound(upper, lambda batch: forward(upper, batch))
         self._bound = {
             c.name: (_Bound(c.module, c.lower_loss), _Bound(c.module, c.upper_loss)) for c in self.constraints
         }
+
+    def _check_row_count(self, k: int, has_upper_loss: bool) -> None:
+        """Options tied to the row count (e.g. fixed weights) fail here rather than at the first upper step.
+
+        Without ``upper_loss`` the standalone row exists only when ``forward`` returns aux, so K or K + 1.
+        """
+        counts = [k + 1] if has_upper_loss else [k, k + 1]
+        first: ValueError | None = None
+        for n in counts:
+            try:
+                self.aggregator.weights(torch.eye(n, dtype=torch.float64), torch.ones(n), {})
+                return
+            except ValueError as err:
+                first = first or err
+        raise first
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -268,44 +362,92 @@ class BilevelStep:
             k: v.clone() if isinstance(v, Tensor) else v for k, v in state["aggregator_state"].items()
         }
 
-    def step(
-        self, ll_batches: Mapping[str, Any], ul_batches: Mapping[str, Any], upper_batch: Any = None
-    ) -> dict[str, float]:
+    def step(self, batches: Mapping[str, Any]) -> dict[str, float]:
         """One iteration: LL steps for every constraint, then an upper step if the schedule says so.
 
         Args:
-            ll_batches: constraint name → LL batch (f_k and the LL steps).
-            ul_batches: constraint name → UL batch (F_k); only read on upper steps.
-            upper_batch: batch of the standalone ``upper_loss`` (required on upper steps when it is set).
+            batches: stream name → batch. Always read: every constraint's ``ll_stream``; on upper steps also
+                every ``ul_stream`` and, with ``upper_loss`` (or aux from ``forward``), ``upper_stream``.
 
         Returns:
             Diagnostics (floats): ``loss/lower/<k>``, ``upper_step``, ``nonfinite``, and on upper steps
-            ``loss/upper/<k>``, ``hypergrad/norm/<k>``, ``hypergrad/cos/<a>-<b>``, ``agg/weight/<k>``,
-            ``agg/norm`` (norm of the applied upper gradient before clipping).
+            ``loss/upper/<k>`` (``loss/upper/fusion``: upper_loss + Σ aux), ``loss/aux/<name>``,
+            ``hypergrad/norm/<k>``, ``hypergrad/cos/<a>-<b>``, ``agg/weight/<k>``, ``agg/norm`` (norm of the
+            applied upper gradient before clipping).
         """
         upper_step = (self.iteration + 1) % self.ul_every == 0
-        self._check_batches(ll_batches, ul_batches, upper_batch, upper_step)
-        self.iteration += 1
+        self._require(batches, ul=upper_step, upper_row=upper_step and self.upper_loss is not None)
         diag: dict[str, float] = {"upper_step": 0.0, "nonfinite": 0.0}
-        cache: dict[int, Tensor] = {}
+        cache: dict[str, UpperOutput] = {}
         # Running stats move in the forwards below; a non-finite LL loss must leave them untouched too.
         buffers = _Buffers([self.upper, *(c.module for c in self.constraints)])
-        # On the image path the LL-batch graph is kept for the final VJP when the estimator uses ∇ₓf.
+        # On the image path the LL-stream graph is kept for the final VJP when the estimator uses ∇ₓf.
         with torch.set_grad_enabled(upper_step and self.path == "image" and USES_LOWER_X[self.method]):
             for c in self.constraints:
-                self._fused(cache, ll_batches[c.name])
-        failed_at = self._lower_phase(cache, ll_batches, diag)
-        if failed_at is not None:
-            cache.clear()
-            if failed_at == 0:
-                buffers.restore()
-            diag["nonfinite"] = 1.0
+                self._fused(cache, batches, self.streams[c.name][0])
+        if upper_step and self.upper_loss is None and any(out.aux for out in cache.values()):
+            self._require(batches, ul=False, upper_row=True)  # those aux must reach the upper row
+        self.iteration += 1
+        if not self._lower_phase(cache, batches, buffers, diag):
             return diag
         del buffers
         if upper_step:
-            ok = self._upper_phase(cache, ll_batches, ul_batches, upper_batch, diag)
+            ok = self._upper_phase(cache, batches, diag)
             diag["upper_step"] = float(ok)
             diag["nonfinite"] = float(not ok)
+        return diag
+
+    def warmup(self, batches: Mapping[str, Any]) -> dict[str, float]:
+        """LL steps as in :meth:`step`, then one upper update from the standalone row alone.
+
+        The row is ``upper_loss + Σ aux`` of the ``upper_stream`` forward and its plain gradient is applied
+        through the same update as :meth:`step` (DDP reduce, ``grad_clip``, ``upper_scheduler``, non-finite
+        skip); no hypergradient, no aggregator. Runs on every call, ignores ``ul_every`` and does not advance
+        ``iteration``. Needs a standalone row: ``upper_loss`` set, or aux returned by ``forward``.
+
+        Args:
+            batches: stream name → batch: ``upper_stream`` and every constraint's ``ll_stream``.
+
+        Returns:
+            Diagnostics: ``loss/lower/<k>``, ``loss/upper/fusion``, ``loss/aux/<name>``, ``upper_step``
+            (0.0 when skipped), ``nonfinite``, ``agg/norm``.
+        """
+        self._require(batches, ul=False, upper_row=True)
+        diag: dict[str, float] = {"upper_step": 0.0, "nonfinite": 0.0}
+        cache: dict[str, UpperOutput] = {}
+        buffers = _Buffers([self.upper, *(c.module for c in self.constraints)])
+        with torch.enable_grad():
+            out = self._fused(cache, batches, self.upper_stream)
+        if self.upper_loss is None and not out.aux:
+            buffers.restore()
+            raise ValueError("warmup needs an upper row: set upper_loss or let forward return aux losses")
+        # A constraint on the upper stream reuses its forward (detached in the LL phase).
+        with torch.no_grad():
+            for c in self.constraints:
+                self._fused(cache, batches, self.streams[c.name][0])
+        if not self._lower_phase(cache, batches, buffers, diag):
+            return diag
+        del buffers
+        for p in self.upper.parameters():
+            p.grad = None
+        batch = batches[self.upper_stream]
+        with torch.enable_grad():
+            loss = None
+            if self.upper_loss is not None:
+                loss = _loss(self.upper_loss(_as_input(out.value), batch), "upper_loss")
+            total = _row_total(loss, out.aux)
+        values = _stack64([total.detach(), *(v.detach() for v in out.aux.values())])
+        if self.reduce is not None:
+            values = self.reduce(values)
+        diag[f"loss/upper/{_ROW}"] = float(values[0])
+        for name, v in zip(out.aux, values[1:].tolist()):
+            diag[f"loss/aux/{name}"] = v
+        ok = bool(torch.isfinite(values[0]))
+        if ok:
+            total.backward()
+            ok = self._update(diag, reduce_grads=True)
+        diag["upper_step"] = float(ok)
+        diag["nonfinite"] = float(not ok)
         return diag
 
     # ------------------------------------------------------------------------------------------ phases
@@ -316,36 +458,56 @@ class BilevelStep:
         device = next(self.upper.parameters()).device.type
         return torch.autocast(device_type=device, dtype=self.amp_dtype)
 
-    def _check_batches(self, ll, ul, upper_batch, upper_step: bool) -> None:
-        for what, mapping in (("ll_batches", ll), ("ul_batches", ul if upper_step else ll)):
-            missing = [c.name for c in self.constraints if c.name not in mapping]
-            if missing:
-                raise KeyError(f"{what} lacks batches for constraint(s) {missing}")
-        if upper_step and upper_batch is None and self.upper_loss is not None:
-            raise ValueError("upper_loss is set: pass upper_batch on upper steps")
+    def _require(self, batches: Mapping[str, Any], *, ul: bool, upper_row: bool) -> None:
+        """KeyError naming every missing stream and who needs it."""
+        needs: dict[str, list[str]] = {}
+        for c in self.constraints:
+            ll_s, ul_s = self.streams[c.name]
+            needs.setdefault(ll_s, []).append(f"constraint {c.name!r} (LL)")
+            if ul:
+                needs.setdefault(ul_s, []).append(f"constraint {c.name!r} (UL)")
+        if upper_row:
+            needs.setdefault(self.upper_stream, []).append(f"the upper row {_ROW!r}")
+        missing = [f"{s!r} (needed by {', '.join(users)})" for s, users in needs.items() if s not in batches]
+        if missing:
+            raise KeyError(f"batches lack stream(s) {'; '.join(missing)}; given: {sorted(batches)}")
 
-    def _fused(self, cache: dict[int, Tensor], batch: Any) -> Tensor:
-        """z for ``batch``: one forward per distinct batch object per iteration (again if a graph is due)."""
-        key = id(batch)
-        if key not in cache or (torch.is_grad_enabled() and cache[key].grad_fn is None):
+    def _fused(self, cache: dict[str, UpperOutput], batches: Mapping[str, Any], stream: str) -> UpperOutput:
+        """The upper net's output on ``stream``: one forward per stream and iteration (again if a graph is
+        due)."""
+        out = cache.get(stream)
+        if out is None or (torch.is_grad_enabled() and out.value.grad_fn is None):
             with self._autocast():
-                z = self.forward(self.upper, batch)
-            if not isinstance(z, Tensor):
-                raise TypeError(f"forward(upper, batch) must return a tensor, got {type(z).__name__}")
-            cache[key] = z
-        return cache[key]
+                out = _as_output(self.forward(self.upper, batches[stream]))
+            cache[stream] = out
+        return out
 
-    def _lower_phase(self, cache, ll_batches, diag) -> int | None:
-        """LL steps; returns the inner step at which a non-finite loss stopped them, else None."""
+    def _has_upper_row(self, cache: dict[str, UpperOutput], batches: Mapping[str, Any]) -> bool:
+        """Whether this upper step has the standalone row (``upper_loss`` set, or aux on the upper stream).
+
+        Without ``upper_loss`` the upper stream is forwarded only when a forward of this iteration returned
+        aux, so a net without aux costs no extra forward.
+        """
+        if self.upper_loss is not None:
+            return True
+        if not any(out.aux for out in cache.values()):
+            return False
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.path == "image"):
+            return bool(self._fused(cache, batches, self.upper_stream).aux)
+
+    def _lower_phase(self, cache, batches, buffers: _Buffers, diag) -> bool:
+        """LL steps. False when a non-finite loss stopped them (``nonfinite=1``; buffers restored if at the
+        first inner step)."""
         for s in range(max((c.lower_steps for c in self.constraints), default=0)):
             active = [c for c in self.constraints if s < c.lower_steps]
             losses = []
             for c in active:
                 c.optimizer.zero_grad(set_to_none=True)
-                batch = ll_batches[c.name]
+                stream = self.streams[c.name][0]
                 with self._autocast():
                     loss = _loss(
-                        c.lower_loss(_as_input(cache[id(batch)]).detach(), batch), f"{c.name}.lower_loss"
+                        c.lower_loss(_as_input(cache[stream].value).detach(), batches[stream]),
+                        f"{c.name}.lower_loss",
                     )
                 loss.backward()
                 losses.append(loss.detach().float())
@@ -355,7 +517,11 @@ class BilevelStep:
             if not bool(torch.isfinite(stacked).all()):
                 for c in active:
                     c.optimizer.zero_grad(set_to_none=True)
-                return s
+                cache.clear()
+                if s == 0:
+                    buffers.restore()
+                diag["nonfinite"] = 1.0
+                return False
             for c in active:
                 if self.reduce is not None:
                     grads = [p.grad for p in c.module.parameters() if p.grad is not None]
@@ -365,7 +531,7 @@ class BilevelStep:
                 c.optimizer.step()
                 if c.scheduler is not None:
                     c.scheduler.step()
-        return None
+        return True
 
     def _options(self, c: Constraint) -> dict:
         opts = dict(self.hypergrad_options)
@@ -383,7 +549,7 @@ class BilevelStep:
         out = torch.func.functional_call(self._bound[c.name][which], params, (z, batch))
         return _loss(out, f"{c.name}.{'upper' if which else 'lower'}_loss")
 
-    def _upper_phase(self, cache, ll_batches, ul_batches, upper_batch, diag) -> bool:
+    def _upper_phase(self, cache, batches, diag) -> bool:
         for p in self.upper.parameters():
             p.grad = None
         modules = [c.module for c in self.constraints]
@@ -396,9 +562,9 @@ class BilevelStep:
         try:
             with self._autocast():
                 if self.path == "image":
-                    rows = self._image_rows(cache, ll_batches, ul_batches, upper_batch)
+                    rows = self._image_rows(cache, batches)
                 else:
-                    rows = self._param_rows(ll_batches, ul_batches, upper_batch)
+                    rows = self._param_rows(cache, batches)
             return self._apply(rows, diag)
         finally:
             guard.restore()
@@ -406,22 +572,29 @@ class BilevelStep:
                 m.train(mode)
 
     def _apply(self, rows: _Rows, diag: dict[str, float]) -> bool:
-        for i, name in enumerate(self.row_names):
+        for i, name in enumerate(rows.names):
             diag[f"loss/upper/{name}"] = float(rows.losses[i])
             diag[f"hypergrad/norm/{name}"] = math.sqrt(max(float(rows.sq_norms[i]), 0.0))
+        for name, v in rows.aux.items():
+            diag[f"loss/aux/{name}"] = v
         for (i, j), v in rows.cos.items():
-            diag[f"hypergrad/cos/{self.row_names[i]}-{self.row_names[j]}"] = v
+            diag[f"hypergrad/cos/{rows.names[i]}-{rows.names[j]}"] = v
         if not (bool(torch.isfinite(rows.losses).all()) and bool(torch.isfinite(rows.sq_norms).all())):
             return False
         gram = torch.diag(rows.sq_norms) if rows.gram is None else rows.gram
         weights = self.aggregator.weights(gram, rows.losses, self.state)
-        for i, name in enumerate(self.row_names):
+        for i, name in enumerate(rows.names):
             diag[f"agg/weight/{name}"] = float(weights[i])
         rows.apply(weights)
+        return self._update(diag, reduce_grads=self.path == "image")
+
+    def _update(self, diag: dict[str, float], *, reduce_grads: bool) -> bool:
+        """The upper optimiser step of :meth:`step` and :meth:`warmup` from the ``.grad`` already written:
+        DDP reduce (unless the rows were reduced already), norm, non-finite skip, clipping, scheduler."""
         params = [p for p in self.upper.parameters() if p.grad is not None]
         if not params:
             return False
-        if self.reduce is not None and self.path == "image":
+        if self.reduce is not None and reduce_grads:
             for p, r in zip(params, _reduce_flat([p.grad for p in params], self.reduce)):
                 p.grad.copy_(r)
         total = torch.linalg.vector_norm(
@@ -446,16 +619,17 @@ class BilevelStep:
         flat = self.reduce(torch.cat([losses.to(extra), extra.reshape(-1)]))
         return flat[: losses.numel()], flat[losses.numel() :].view_as(extra)
 
-    def _image_rows(self, cache, ll_batches, ul_batches, upper_batch) -> _Rows:
-        u_rows: list[dict[int, Tensor]] = []
+    def _image_rows(self, cache, batches) -> _Rows:
+        u_rows: list[dict[str, Tensor]] = []
         losses: list[Tensor] = []
         for c in self.constraints:
-            ulb, llb = ul_batches[c.name], ll_batches[c.name]
-            self._fused(cache, ulb)
-            keys = [id(ulb)]
-            if USES_LOWER_X[self.method] and id(llb) not in keys:
-                keys.append(id(llb))
-            il = keys.index(id(llb)) if id(llb) in keys else 0
+            ll_s, ul_s = self.streams[c.name]
+            ulb, llb = batches[ul_s], batches[ll_s]
+            self._fused(cache, batches, ul_s)
+            keys = [ul_s]
+            if USES_LOWER_X[self.method] and ll_s not in keys:
+                keys.append(ll_s)
+            il = keys.index(ll_s) if ll_s in keys else 0
             record: dict[str, Tensor] = {}
 
             def upper(xs, ys, c=c, ulb=ulb, record=record):
@@ -469,26 +643,39 @@ class BilevelStep:
                 self.method,
                 upper,
                 lower,
-                [_as_input(cache[k]) for k in keys],
+                [_as_input(cache[k].value) for k in keys],
                 _trainable(c.module)[1],
                 **self._options(c),
             )
             u_rows.append(dict(zip(keys, u)))
             losses.append(record["loss"].detach())
-        if self.upper_loss is not None:
-            z = _as_input(self._fused(cache, upper_batch)).detach().requires_grad_(True)
-            value = _loss(self.upper_loss(z, upper_batch), "upper_loss")
-            (u,) = torch.autograd.grad(value, z, allow_unused=True)
-            u_rows.append({id(upper_batch): torch.zeros_like(z) if u is None else u})
-            losses.append(value.detach())
+        names = [c.name for c in self.constraints]
+        aux: dict[str, Tensor] = {}
+        aux_sum: Tensor | None = None  # Σ aux with its graph, back-propagated with weight w_fusion
+        if self._has_upper_row(cache, batches):
+            out = self._fused(cache, batches, self.upper_stream)
+            row: dict[str, Tensor] = {}
+            loss = None
+            if self.upper_loss is not None:
+                z = _as_input(out.value).detach().requires_grad_(True)
+                value = _loss(self.upper_loss(z, batches[self.upper_stream]), "upper_loss")
+                (u,) = torch.autograd.grad(value, z, allow_unused=True)
+                row[self.upper_stream] = torch.zeros_like(z) if u is None else u
+                loss = value.detach()
+            aux = {k: v.detach() for k, v in out.aux.items()}
+            aux_sum = _row_total(None, out.aux)
+            u_rows.append(row)
+            losses.append(_row_total(loss, aux))
+            names.append(_ROW)
 
         k = len(u_rows)
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k) if set(u_rows[i]) == set(u_rows[j])]
         dots = [
             sum((u_rows[i][b].double() * u_rows[j][b].double()).sum() for b in u_rows[i]) for i, j in pairs
         ]
-        sq = [sum(u.double().pow(2).sum() for u in row.values()) for row in u_rows]
-        loss_t, stats = self._statistics(torch.stack([v.double() for v in losses]), torch.stack(sq + dots))
+        zero = torch.zeros((), dtype=torch.float64, device=losses[0].device)
+        sq = [sum((u.double().pow(2).sum() for u in row.values()), zero) for row in u_rows]
+        loss_t, stats = self._statistics(_stack64(losses + list(aux.values())), torch.stack(sq + dots))
         sq_norms = stats[:k]
         cos = {}
         for (i, j), d in zip(pairs, stats[k:].tolist()):
@@ -497,61 +684,73 @@ class BilevelStep:
 
         def apply(weights: Tensor) -> None:
             w = weights.tolist()
-            keys = list(dict.fromkeys(b for row in u_rows for b in row))
             outputs, grads = [], []
-            for b in keys:
-                z = cache[b]
+            for b in dict.fromkeys(b for row in u_rows for b in row):
+                z = cache[b].value
                 if not z.requires_grad:
                     continue
                 acc = sum(w[i] * row[b] for i, row in enumerate(u_rows) if b in row)
                 outputs.append(z)
                 grads.append(acc.to(z.dtype))
+            if aux_sum is not None and aux_sum.requires_grad:
+                outputs.append(aux_sum)
+                grads.append(torch.full_like(aux_sum, w[-1]))
             if outputs:
                 torch.autograd.backward(outputs, grads)
 
-        return _Rows(loss_t, sq_norms, cos, None, apply)
+        aux_diag = dict(zip(aux, loss_t[k:].tolist()))
+        return _Rows(names, loss_t[:k], sq_norms, cos, None, apply, aux_diag)
 
-    def _param_rows(self, ll_batches, ul_batches, upper_batch) -> _Rows:
+    def _param_rows(self, cache, batches) -> _Rows:
         names, x = _trainable(self.upper)
 
-        def fused(xs, batch):
+        def fused(xs, batch) -> UpperOutput:
             params = {f"module.{n}": v for n, v in zip(names, xs)}
-            return _as_input(torch.func.functional_call(self._upper_call, params, (batch,)))
+            return _as_output(torch.func.functional_call(self._upper_call, params, (batch,)))
 
         rows: list[tuple[Tensor, ...]] = []
         losses: list[Tensor] = []
         for c in self.constraints:
-            ulb, llb = ul_batches[c.name], ll_batches[c.name]
+            ll_s, ul_s = self.streams[c.name]
+            ulb, llb = batches[ul_s], batches[ll_s]
             record: dict[str, Tensor] = {}
 
             def upper(xs, ys, c=c, ulb=ulb, record=record):
-                record["loss"] = value = self._call(c, 1, ys, fused(xs, ulb), ulb)
+                record["loss"] = value = self._call(c, 1, ys, _as_input(fused(xs, ulb).value), ulb)
                 return value
 
             def lower(xs, ys, c=c, llb=llb):
-                return self._call(c, 0, ys, fused(xs, llb), llb)
+                return self._call(c, 0, ys, _as_input(fused(xs, llb).value), llb)
 
             rows.append(hypergrad(self.method, upper, lower, x, _trainable(c.module)[1], **self._options(c)))
             losses.append(record["loss"].detach())
-        if self.upper_loss is not None:
+        row_names = [c.name for c in self.constraints]
+        aux: dict[str, Tensor] = {}
+        if self._has_upper_row(cache, batches):
+            batch = batches[self.upper_stream]
             record = {}
 
             def fusion(xs, ys, record=record):
-                record["loss"] = value = _loss(
-                    self.upper_loss(fused(xs, upper_batch), upper_batch), "upper_loss"
-                )
+                out = fused(xs, batch)
+                loss = None
+                if self.upper_loss is not None:
+                    loss = _loss(self.upper_loss(_as_input(out.value), batch), "upper_loss")
+                record["aux"] = {k: v.detach() for k, v in out.aux.items()}
+                record["loss"] = value = _row_total(loss, out.aux)
                 return value
 
             rows.append(hypergrad("none", fusion, None, x, ()))
             losses.append(record["loss"].detach())
-        loss_t = torch.stack([v.double() for v in losses])
+            aux = record["aux"]
+            row_names.append(_ROW)
+        k = len(rows)
+        loss_t = _stack64(losses + list(aux.values()))
         if self.reduce is not None:
             flat = self.reduce(torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows]))
             rows = [_split(flat[i], row) for i, row in enumerate(rows)]
             loss_t = self.reduce(loss_t)
         gram = gramian(rows)
         sq_norms = gram.diagonal().clone()
-        k = len(rows)
         cos = {}
         for i in range(k):
             for j in range(i + 1, k):
@@ -562,4 +761,5 @@ class BilevelStep:
             for p, g in zip(x, combine(rows, weights)):
                 p.grad = g.to(p.dtype)
 
-        return _Rows(loss_t, sq_norms, cos, gram, apply)
+        aux_diag = dict(zip(aux, loss_t[k:].tolist()))
+        return _Rows(row_names, loss_t[:k], sq_norms, cos, gram, apply, aux_diag)

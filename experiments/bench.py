@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 SECTIONS = ("metrics", "bilevel", "nets")
 
@@ -22,7 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     section, rest = argv[0], argv[1:]
     if section not in SECTIONS:
         raise SystemExit(f"unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     importlib.import_module(f"experiments.bench_{section}").main(rest)
 
 

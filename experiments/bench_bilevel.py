@@ -14,7 +14,7 @@ Every configuration clips the upper gradient to norm 1. Per configuration it cou
 lower-level optimiser updates, the upper updates and the fusion-net forwards (hooks), and reports the median
 time (configurations timed round-robin, so load drift hits all alike), its ratio to ``joint`` and, on CUDA,
 the peak memory.
-Synthetic RGB-T scenes (``fusion.synthetic``) supply the inputs and the masks; the LL and UL batches differ.
+Synthetic RGB-T scenes (``fusion.data.SyntheticScenes``) supply the inputs and the masks; the LL and UL batches differ.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from bilevel import BilevelStep, Constraint
 from fusion.colour import to_image
-from fusion.datasets import collate_pairs, create_dataset
+from fusion.data import collate_pairs, create_dataset
 from fusion.nets import create_fusion_net
 from tasks.registry import create_task
 
@@ -124,8 +124,8 @@ def build(args, device: torch.device, template: dict) -> dict:
     }
     counter = Counter(net, [opts["critic"], opts["seg"]], opts["net"])
     constraints = [
-        Constraint("critic", critic, opts["critic"], critic.lower_loss, critic.upper_loss),
-        Constraint("seg", seg, opts["seg"], seg.lower_loss, seg.upper_loss),
+        Constraint(k, m, opts[k], m.lower_loss, m.upper_loss, ll_stream="ll", ul_stream="ul")
+        for k, m in (("critic", critic), ("seg", seg))
     ]
     return {
         "net": net,
@@ -168,10 +168,10 @@ def bilevel_step(parts: dict, amp_dtype, ll: dict, ul: dict, **kw) -> Callable[[
         grad_clip=GRAD_CLIP,
         **kw,
     )
-    lls, uls = {"critic": ll, "seg": ll}, {"critic": ul, "seg": ul}
+    batches = {"ll": ll, "ul": ul}  # both constraints read the same two streams: one forward each
 
     def run() -> None:
-        diag = step.step(lls, uls)
+        diag = step.step(batches)
         if diag["nonfinite"]:
             raise RuntimeError(f"non-finite step in the benchmark: {diag}")
 

@@ -10,14 +10,11 @@ counted as routed (top-k of the experts), so the numbers are per forward, not pe
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion.nets import create_fusion_net, list_fusion_nets  # noqa: E402
 

@@ -18,12 +18,17 @@ Each hypergradient estimator and aggregator has its own nested dataclass (``bile
 from __future__ import annotations
 
 import ast
+import collections.abc
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from bilevel.aggregate import aggregator_parameters, list_aggregators
+from bilevel.estimators import hypergrad_parameters, list_hypergrads
 
 __all__ = [
     "ConfigError",
@@ -33,20 +38,6 @@ __all__ = [
     "OptimConfig",
     "TaskConfig",
     "TasksConfig",
-    "GNConfig",
-    "FDConfig",
-    "UnrolledConfig",
-    "CGConfig",
-    "NeumannConfig",
-    "BDLCodeConfig",
-    "FixedConfig",
-    "RLWConfig",
-    "GradNormSoftmaxConfig",
-    "DWAConfig",
-    "UWConfig",
-    "MGDAConfig",
-    "PCGradConfig",
-    "CAGradConfig",
     "BilevelConfig",
     "TrainConfig",
     "EvalConfig",
@@ -82,6 +73,11 @@ def _check_choice(what: str, value: Any, choices: typing.Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{what}={value!r} is not valid; choose from {', '.join(map(repr, choices))}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -179,141 +175,99 @@ class TasksConfig:
     det: TaskConfig = field(default_factory=TaskConfig)
 
 
-# Hypergradient estimators (method.md §2). ``None`` learning-rate-like options mean "the constraint's
-# current lower-level learning rate", the usual choice.
-@dataclass(frozen=True)
-class GNConfig:
-    eps: float = 1e-12
+# ----------------------------------------------------------------------- estimator and aggregator options
+# Defined once, by the functions themselves: one section per registered estimator / aggregator with options,
+# generated from its signature (names, types, defaults), so ``--set bilevel.cg.tol=1e-9`` reaches
+# ``bilevel.estimators`` exactly as declared there. Options without a default are left unset (None) here and
+# filled at run time: the learning-rate-like ξ, lr, α, η by the step (the constraint's current LL learning
+# rate), ``fixed.weights`` (empty) by the runner (all ones); any ``seed`` is the run seed when unset. Callables
+# (``reduce``, ``bdl_code.correction``) can only be passed from Python.
+FILLED_BY_STEP = ("xi", "lr", "alpha", "eta")
 
 
-@dataclass(frozen=True)
-class FDConfig:
-    xi: float | None = None           # virtual-step size (None = LL lr)
-    r: float = 0.01
+def _config_type(tp: Any) -> Any | None:
+    """The config field type of an option annotation; None for options a config file cannot hold."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_config_type(a) for a in typing.get_args(tp) if a is not type(None)]
+        return None if None in inner or len(inner) != 1 else inner[0] | None
+    if origin in (collections.abc.Sequence, list, tuple):
+        (arg, *_) = typing.get_args(tp) or (float,)
+        return tuple[arg, ...]
+    return tp if tp in (bool, int, float, str) else None
 
 
-@dataclass(frozen=True)
-class UnrolledConfig:
-    steps: int = 1
-    lr: float | None = None           # inner SGD lr (None = LL lr)
-    backend: str = "func"             # func | higher
-
-    def __post_init__(self) -> None:
-        _check_choice("bilevel.unrolled.backend", self.backend, ("func", "higher"))
-
-
-@dataclass(frozen=True)
-class CGConfig:
-    iters: int = 10
-    ridge: float = 0.0
-
-
-@dataclass(frozen=True)
-class NeumannConfig:
-    iters: int = 10
-    alpha: float | None = None        # None = LL lr
+def _options_section(kind: str, name: str, params: list[inspect.Parameter]) -> type | None:
+    """A frozen dataclass of the settable options of estimator/aggregator ``name`` (None if it has none)."""
+    fields = []
+    for p in params:
+        tp = _config_type(p.annotation)
+        if tp is None:
+            continue
+        unset = p.default is inspect.Parameter.empty or p.name == "seed"
+        if unset and typing.get_origin(tp) is tuple:      # an unset sequence is empty, not None
+            fields.append((p.name, tp, field(default=())))
+        else:
+            fields.append((p.name, tp | None if unset else tp, field(default=None if unset else p.default)))
+    if not fields:
+        return None
+    cls = dataclasses.make_dataclass(f"{name.title().replace('_', '')}Options", fields, frozen=True,
+                                     namespace={"__module__": __name__})
+    cls.__doc__ = f"Options of the {kind} {name!r} (generated from its signature)."
+    return cls
 
 
-@dataclass(frozen=True)
-class BDLCodeConfig:
-    eta: float | None = None          # None = LL lr (what the released code uses)
-    eps: float = 1e-12
+ESTIMATOR_SECTIONS = {m: c for m in list_hypergrads()
+                      if (c := _options_section("estimator", m, hypergrad_parameters(m))) is not None}
+AGGREGATOR_SECTIONS = {m: c for m in list_aggregators()
+                       if (c := _options_section("aggregator", m, aggregator_parameters(m))) is not None}
 
 
-# Aggregators (method.md §3); option names are those of ``bilevel.aggregate``.
-@dataclass(frozen=True)
-class FixedConfig:
-    weights: tuple[float, ...] = ()   # one per row (constraints in order, then "fusion"); () = all ones
-
-
-@dataclass(frozen=True)
-class RLWConfig:
-    scale: float = 1.0                # 0.5 gives BDL's scale
-    seed: int | None = None           # None = the run seed
-
-
-@dataclass(frozen=True)
-class GradNormSoftmaxConfig:
-    tau: float = 1.0
-    unit: bool = False
-    eps: float = 1e-12
-
-
-@dataclass(frozen=True)
-class DWAConfig:
-    T: float = 2.0                    # LibMTL default; SegMiF uses 1000
-
-
-@dataclass(frozen=True)
-class UWConfig:
-    lr: float = 1e-2
-    init: float = 0.0
-
-
-@dataclass(frozen=True)
-class MGDAConfig:
-    normalize: str = "none"           # none | l2 | loss | loss+
-    iters: int = 250
-    tol: float = 1e-6
-
-
-@dataclass(frozen=True)
-class PCGradConfig:
-    seed: int | None = None           # None = the run seed
-
-
-@dataclass(frozen=True)
-class CAGradConfig:
-    c: float = 0.5
-    rescale: int = 1
-    iters: int = 500
-
-
-ESTIMATOR_SECTIONS = ("gn", "fd", "unrolled", "cg", "neumann", "bdl_code")
-AGGREGATOR_SECTIONS = ("fixed", "rlw", "gradnorm_softmax", "dwa", "uw", "mgda", "pcgrad", "cagrad")
-
-
-@dataclass(frozen=True)
-class BilevelConfig:
-    """The bi-level step: estimator, aggregator and schedule. Names are checked by ``bilevel``."""
-
-    hypergrad: str = "gn"             # none | gn | fd | unrolled | cg | neumann | bdl_code
-    aggregate: str = "gradnorm_softmax"
-    ul_every: int = 1                 # an upper step every N iterations (BDL: 10)
-    path: str = "image"               # image | param
-    grad_clip: float | None = None
-    fusion_row: bool = True           # the fusion loss as a standalone upper row
-    gn: GNConfig = field(default_factory=GNConfig)
-    fd: FDConfig = field(default_factory=FDConfig)
-    unrolled: UnrolledConfig = field(default_factory=UnrolledConfig)
-    cg: CGConfig = field(default_factory=CGConfig)
-    neumann: NeumannConfig = field(default_factory=NeumannConfig)
-    bdl_code: BDLCodeConfig = field(default_factory=BDLCodeConfig)
-    fixed: FixedConfig = field(default_factory=FixedConfig)
-    rlw: RLWConfig = field(default_factory=RLWConfig)
-    gradnorm_softmax: GradNormSoftmaxConfig = field(default_factory=GradNormSoftmaxConfig)
-    dwa: DWAConfig = field(default_factory=DWAConfig)
-    uw: UWConfig = field(default_factory=UWConfig)
-    mgda: MGDAConfig = field(default_factory=MGDAConfig)
-    pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
-    cagrad: CAGradConfig = field(default_factory=CAGradConfig)
+class _BilevelBase:
+    """Methods of :class:`BilevelConfig` (its fields are generated from the registries)."""
 
     def __post_init__(self) -> None:
         _check_choice("bilevel.path", self.path, ("image", "param"))
         if self.ul_every < 1:
             raise ConfigError(f"bilevel.ul_every={self.ul_every} must be >= 1")
 
-    def estimator_options(self) -> dict[str, Any]:
-        """The options of the chosen estimator, ``None`` entries dropped (the step fills LL-lr defaults)."""
-        if self.hypergrad not in ESTIMATOR_SECTIONS:
+    def _options(self, name: str) -> dict[str, Any]:
+        section = getattr(self, name, None)
+        if section is None or not dataclasses.is_dataclass(section):
             return {}
-        return {k: v for k, v in dataclasses.asdict(getattr(self, self.hypergrad)).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+
+    def estimator_options(self) -> dict[str, Any]:
+        """The options of the chosen estimator, unset entries dropped (the step fills LL-lr defaults)."""
+        return self._options(self.hypergrad)
 
     def aggregator_options(self) -> dict[str, Any]:
-        """The options of the chosen aggregator (empty for parameter-free rules)."""
-        if self.aggregate not in AGGREGATOR_SECTIONS:
-            return {}
-        return {k: v for k, v in dataclasses.asdict(getattr(self, self.aggregate)).items() if v is not None}
+        """The options of the chosen aggregator, unset entries dropped (empty for parameter-free rules)."""
+        return self._options(self.aggregate)
+
+    def filled_by_step(self) -> tuple[str, ...]:
+        """Options the step fills when unset (the constraint's learning rate)."""
+        return FILLED_BY_STEP
+
+    def option_names(self, name: str) -> tuple[str, ...]:
+        """Configurable option names of estimator or aggregator ``name``."""
+        section = ESTIMATOR_SECTIONS.get(name) or AGGREGATOR_SECTIONS.get(name)
+        return tuple(f.name for f in dataclasses.fields(section)) if section else ()
+
+
+BilevelConfig = dataclasses.make_dataclass(
+    "BilevelConfig",
+    [("hypergrad", str, field(default="gn")),          # none | gn | fd | unrolled | cg | neumann | bdl_code
+     ("aggregate", str, field(default="gradnorm_softmax")),
+     ("ul_every", int, field(default=1)),               # an upper step every N iterations (BDL: 10)
+     ("path", str, field(default="image")),             # image | param
+     ("grad_clip", float | None, field(default=None)),
+     ("fusion_row", bool, field(default=True)),         # the fusion loss as a standalone upper row
+     *[(name, cls, field(default_factory=cls)) for name, cls in {**ESTIMATOR_SECTIONS,
+                                                                   **AGGREGATOR_SECTIONS}.items()]],
+    bases=(_BilevelBase,), frozen=True, namespace={"__module__": __name__})
+BilevelConfig.__doc__ = ("The bi-level step: estimator, aggregator, schedule, and one options section per "
+                         "estimator/aggregator (``bilevel.cg.iters``), generated from ``bilevel``'s signatures.")
 
 
 @dataclass(frozen=True)
@@ -340,6 +294,13 @@ class TrainConfig:
             raise ConfigError("train.iters and train.warmup_iters must be >= 0")
         if self.batch < 1 or self.ul_batch < 1:
             raise ConfigError("train.batch and train.ul_batch must be >= 1")
+        _at_least("train.seed", self.seed, 0)
+        _at_least("train.max_nonfinite", self.max_nonfinite, 0)
+        _at_least("train.ckpt_every", self.ckpt_every, 0)
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"train.epochs={self.epochs} must be > 0 (or unset, to use train.iters)")
+        if self.threads is not None:
+            _at_least("train.threads", self.threads, 1)
 
 
 @dataclass(frozen=True)
@@ -353,6 +314,15 @@ class EvalConfig:
     max_images: int | None = None
     val_every: int = 0                # held-out fusion loss every N iterations → best.pt (0 = off)
     val_batches: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("eval.batch", self.batch, 1)
+        if self.max_images is not None:
+            _at_least("eval.max_images", self.max_images, 1)
+        _at_least("eval.val_every", self.val_every, 0)
+        _at_least("eval.val_batches", self.val_batches, 1)
+        if not self.metrics:
+            raise ConfigError("eval.metrics is empty; name at least one metric (or set eval.enabled=False)")
 
 
 @dataclass(frozen=True)
@@ -368,6 +338,8 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         _check_choice("log.wandb", self.wandb, (None, "online", "offline", "disabled"))
+        _at_least("log.log_every", self.log_every, 1)
+        _at_least("log.image_every", self.image_every, 0)
 
 
 @dataclass(frozen=True)
@@ -387,6 +359,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASK_CHOICES)
+        for k in ("critic", "seg", "det"):
+            t = getattr(self.tasks, k)
+            _at_least(f"tasks.{k}.lower_steps", t.lower_steps, 1)
+            for key, value in (("batch", t.batch), ("ul_batch", t.ul_batch)):
+                if value is not None:
+                    _at_least(f"tasks.{k}.{key}", value, 1)
+        if not self.bilevel.fusion_row and self.train.warmup_iters > 0:
+            raise ConfigError(f"train.warmup_iters={self.train.warmup_iters} trains the fusion loss, which "
+                              "bilevel.fusion_row=False leaves out; set train.warmup_iters=0 or fusion_row=True")
 
     @property
     def constraints(self) -> tuple[str, ...]:
@@ -591,8 +572,21 @@ def load_yaml(path: str, base: RunConfig) -> RunConfig:
     """Apply a YAML file (a full or partial nested mapping) on top of ``base``, strictly."""
     import yaml
 
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a text file (YAML expected)") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"--config {path}: YAML syntax error{line}: {getattr(err, 'problem', err)}") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     try:
         return apply_dict(base, data)
     except ConfigError as err:

@@ -28,16 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 
 from fusion.metrics import get_metric, get_profile, list_metrics
 from fusion.metrics.profiles import shared_preparation
 
-__all__ = ["EvaluationResult", "evaluate_folders", "write_outputs", "markdown_table", "latex_table", "main"]
+__all__ = ["EvaluationResult", "evaluate_folders", "evaluate_run", "latex_table", "main", "markdown_table",
+           "score_images", "summarise", "write_csv", "write_outputs"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -160,24 +158,34 @@ def evaluate_folders(
             continue
         channels = max(x.shape[0] for x in images)
         batch = torch.stack([x.expand(channels, -1, -1) for x in images])
-        values = _compute(batch, a, b, names, profile, result.failures)
+        values = score_images(batch, a, b, names, profile, result.failures)
         for i, m in enumerate(kept):
             result.rows.append({"image": stem, "method": m, **{n: float(values[n][i]) for n in names}})
 
-    for m in methods:
-        rows = [r for r in result.rows if r["method"] == m]
-        if not rows:
-            continue
-        entry: dict = {"n_images": len(rows)}
-        for n in names:
-            vals = np.array([r[n] for r in rows], dtype=np.float64)
-            finite = vals[np.isfinite(vals)]
-            entry[n] = float(finite.mean()) if finite.size else math.nan
-        result.summary[m] = entry
+    result.summary = summarise(result.rows, list(methods), names)
     return result
 
 
-def _compute(batch, a, b, names, profile, failures) -> dict[str, torch.Tensor]:
+def summarise(rows: Sequence[Mapping], methods: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """``{method: {"n_images": int, metric: mean}}`` over ``rows``; NaN values are left out of the means."""
+    summary = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        entry: dict = {"n_images": len(mine)}
+        for n in names:
+            vals = np.array([r[n] for r in mine], dtype=np.float64)
+            finite = vals[np.isfinite(vals)]
+            entry[n] = float(finite.mean()) if finite.size else math.nan
+        summary[m] = entry
+    return summary
+
+
+def score_images(batch: torch.Tensor, a: torch.Tensor, b: torch.Tensor, names: Sequence[str], profile: str,
+                 failures: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Each metric of ``names`` on fused ``batch`` (N, C, H, W) against sources ``a``, ``b``; a metric that
+    cannot run on these images (e.g. windows larger than the image) gives NaN and a note in ``failures``."""
     out = {}
     with torch.no_grad(), shared_preparation():
         for n in names:
@@ -259,22 +267,25 @@ def _versions() -> dict[str, str]:
     }
 
 
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """One CSV of the evaluation outputs; floats at full precision (``repr``)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for row in rows:
+            w.writerow([repr(v) if isinstance(v, float) else v for v in row])
+
+
 def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapping | None = None) -> Path:
     """Write the five files of contracts.md into ``out_dir`` (which must be absent or empty)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"refusing to overwrite the non-empty folder {out}; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_image.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "method", *result.metrics])
-        for r in result.rows:
-            w.writerow([r["image"], r["method"], *(repr(r[n]) for n in result.metrics)])
-    with open(out / "summary.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "n_images", *result.metrics])
-        for m, s in result.summary.items():
-            w.writerow([m, s["n_images"], *(repr(s[n]) for n in result.metrics)])
+    write_csv(out / "per_image.csv", ["image", "method", *result.metrics],
+              [[r["image"], r["method"], *(r[n] for n in result.metrics)] for r in result.rows])
+    write_csv(out / "summary.csv", ["method", "n_images", *result.metrics],
+              [[m, s["n_images"], *(s[n] for n in result.metrics)] for m, s in result.summary.items()])
     meta = {
         "profile": result.profile,
         "profile_description": get_profile(result.profile).description,
@@ -292,6 +303,88 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapp
     (out / "table.md").write_text(markdown_table(result))
     (out / "table.tex").write_text(latex_table(result))
     return out
+
+
+def evaluate_run(exp, run_dir: Path, method: str | None = None) -> dict[str, float]:
+    """The runner's evaluation of an :class:`experiments.experiment.Experiment` on its held-out test split(s).
+
+    Fuses the test images (batches of equal size, so mixed sizes work at any ``eval.batch``), scores them as
+    8-bit images with the same code as the folder evaluation, runs each constraint's task metrics on the fused
+    images, writes ``eval/`` and prints a table.
+
+    Returns:
+        ``eval/<metric>`` → value (fusion-metric means, task headline metrics).
+    """
+    from tqdm import tqdm
+
+    from experiments.data import size_batches, to_device
+    from experiments.logging_utils import output_guard
+
+    cfg = exp.cfg
+    method = method or cfg.name
+    names = _resolve_metrics(list(cfg.eval.metrics), cfg.eval.profile)
+    eval_dir = Path(run_dir) / "eval"
+    with output_guard(run_dir):
+        eval_dir.mkdir(exist_ok=True)
+
+    def fused_test(dataset) -> list[tuple[torch.Tensor, dict]]:
+        n = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
+        batches = size_batches(dataset, n, cfg.eval.batch)
+        return [(exp.fuse(b), b) for b in (to_device(b, exp.device) for b in
+                                              tqdm(batches, desc="fuse test", unit="batch",
+                                                   disable=not cfg.log.progress, leave=False))]
+
+    fused_sets = {"run": fused_test(exp.test_sets["run"])}
+    rows: list[dict] = []
+    failures: dict[str, str] = {}
+    for fused, batch in fused_sets["run"]:
+        # Scored as saved: the 8-bit image fuse.py writes, so these values equal fuse.py + evaluate.py's.
+        saved = torch.round(fused.clamp(0.0, 1.0) * 255.0) / 255.0
+        values = score_images(saved, batch["ir"], batch["vis"], names, cfg.eval.profile, failures)
+        rows += [{"image": image, "method": method, **{n: float(values[n][i]) for n in names}}
+                 for i, image in enumerate(batch["name"])]
+    summary = summarise(rows, [method], names).get(method, {"n_images": 0})
+    results: dict[str, float] = {n: summary.get(n, math.nan) for n in names}
+    with output_guard(eval_dir):
+        write_csv(eval_dir / "per_image.csv", ["image", "method", *names],
+                  [[r["image"], r["method"], *(r[n] for n in names)] for r in rows])
+
+    task_results: dict[str, dict[str, float]] = {}
+    for k, task in exp.tasks.items():
+        key = "run" if exp.specs[k] == exp.specs["run"] else k
+        if key not in fused_sets:
+            fused_sets[key] = fused_test(exp.test_sets[k])
+        task_results[k] = task.evaluate(iter(fused_sets[key]))
+    with output_guard(eval_dir):
+        if "seg" in task_results:
+            r = task_results["seg"]
+            classes = [c[len("IoU/"):] for c in r if c.startswith("IoU/")]
+            write_csv(eval_dir / "seg_per_class.csv", ["class", "Acc", "IoU"],
+                      [[c, r[f"Acc/{c}"], r[f"IoU/{c}"]] for c in classes])
+            results.update({k: r[k] for k in ("mIoU", "mAcc", "aAcc") if k in r})
+        if "det" in task_results:
+            r = task_results["det"]
+            classes = [c[len("AP50/"):] for c in r if c.startswith("AP50/")]
+            write_csv(eval_dir / "det_per_class.csv", ["class", "AP50", "coco_AP"],
+                      [[c, r[f"AP50/{c}"], r.get(f"coco/AP/{c}", math.nan)] for c in classes])
+            results.update({k: r[k] for k in ("mAP50", "coco/mAP", "coco/AP50", "coco/AP75") if k in r})
+        if "critic" in task_results:
+            results.update({f"critic/{k}": v for k, v in task_results["critic"].items()})
+        write_csv(eval_dir / "summary.csv", ["method", "n_images", *results],
+                  [[method, len(rows), *results.values()]])
+        meta = {"profile": cfg.eval.profile, "metrics": names, "failures": failures, "split": cfg.data.test_split,
+                "n_images": len(rows), "method": method,
+                "seg_convention": "MFNet confusion matrix over all test pixels; mIoU/mAcc = mean over all classes "
+                                  "(unlabelled included), classes absent from ground truth and prediction left out",
+                "det_convention": "VOC AP@0.5 all-point interpolation (mAP50); COCO mAP@[.5:.95] via pycocotools",
+                "task_data": {k: exp.specs[k].name for k in exp.tasks}, "run_data": exp.specs["run"].name}
+        (eval_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    keys = list(results)
+    print(f"\nEvaluation on the held-out {cfg.data.name} '{cfg.data.test_split}' split "
+          f"(fusion metrics: profile '{cfg.eval.profile}'):\n"
+          f"| method | n | {' | '.join(keys)} |\n|---|---|{'---|' * len(keys)}\n"
+          f"| {method} | {len(rows)} | {' | '.join(_fmt(results[k]) for k in keys)} |\n")
+    return {f"eval/{k}": v for k, v in results.items()}
 
 
 def _parse_fused(specs: Sequence[str], root: str | None) -> dict[str, Path]:

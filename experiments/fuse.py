@@ -19,14 +19,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from experiments.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
+from fusion.colour import to_image
+from fusion.nets.registry import fused_output
 
-__all__ = ["load_fusion_net", "fuse_pair", "main"]
+__all__ = ["fuse_batch", "fuse_pair", "load_fusion_net", "main", "set_intensity_bias"]
 
 
 def load_fusion_net(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -40,15 +39,17 @@ def load_fusion_net(path: str | Path, device: str | torch.device = "cpu") -> tor
 
 
 @torch.no_grad()
+def fuse_batch(net: torch.nn.Module, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """(B,1,H,W) IR + (B,C,H,W) visible in [0, 1] → fused (B,C,H,W) in [0, 1] (float32) in the visible
+    image's mode: what a user of the trained net gets, in whatever mode (train/eval) ``net`` is in."""
+    raw, _ = fused_output(net(ir, vis))
+    return to_image(raw.float(), net.out_space, vis)
+
+
 def fuse_pair(net: torch.nn.Module, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
     """(1,H,W) IR + (C,H,W) visible in [0, 1] → fused (C,H,W) in [0, 1] in the visible image's mode."""
-    from fusion.colour import to_image
-    from fusion.nets.registry import fused_output
-
     device = next(net.parameters()).device
-    ir, vis = ir[None].to(device), vis[None].to(device)
-    raw, _ = fused_output(net(ir, vis))
-    return to_image(raw.float(), net.out_space, vis)[0].cpu()
+    return fuse_batch(net, ir[None].to(device), vis[None].to(device))[0].cpu()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-policy", default="error", choices=("error", "resize", "crop"),
                    help="what to do when the two images of a pair differ in size")
     p.add_argument("--strip", help="also write an inference-only copy of the checkpoint to this path")
+    p.add_argument("--bias-alpha", type=float,
+                   help="TC-MoA only: intensity-bias scale α of the prompts (paper Eq. 8; default: the net's)")
+    p.add_argument("--bias-beta", type=float,
+                   help="TC-MoA only: intensity-bias shift β of the prompts (paper Eq. 8; default: the net's)")
     return p
+
+
+def set_intensity_bias(net: torch.nn.Module, alpha: float | None, beta: float | None) -> None:
+    """Set TC-MoA's α/β (paper Eq. 8) for inference; other nets have no such control."""
+    if alpha is None and beta is None:
+        return
+    if not hasattr(net, "bias_alpha"):
+        raise ValueError(f"--bias-alpha/--bias-beta need a TC-MoA net; this checkpoint holds {net.name!r}")
+    if alpha is not None:
+        net.bias_alpha = alpha
+    if beta is not None:
+        net.bias_beta = beta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FileExistsError(f"{strip_to} exists; choose a new path for --strip")
             save_checkpoint(strip_to, strip_checkpoint(load_checkpoint(args.checkpoint)))
         net = load_fusion_net(args.checkpoint, args.device)
+        set_intensity_bias(net, args.bias_alpha, args.bias_beta)
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         for (stem, ir_path, vi_path), target in zip(pairs, targets):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from bilevel.registry import lookup
 from experiments.config import (
     TASK_CHOICES,
     BilevelConfig,
@@ -55,11 +56,9 @@ def get_preset(name: str) -> RunConfig:
     """Build the preset ``name``.
 
     Raises:
-        ConfigError: unknown name (the message lists the valid ones).
+        UnknownNameError: unknown name (the message lists the valid ones).
     """
-    if name not in _PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
-    return _PRESETS[name]()
+    return lookup(_PRESETS, "preset", name)()
 
 
 def default_preset(task: str) -> str:
@@ -163,7 +162,7 @@ def bdl_mfnet_seg() -> RunConfig:
     aggregation (``bdl_released``); switch to the corrected method with ``--set bilevel.hypergrad=gn
     --set bilevel.aggregate=gradnorm_softmax``. BDL's segmenter is not released; SegFormer MiT-B3 is our
     unverified guess (method.md §4). Needs ``--data-root`` pointing at MFNet; start from a fusion warm
-    start with ``--set net.init=PATH``. Evaluation: 9 classes, MFNet convention (docs/datasets.md).
+    start with ``--set net.init=PATH``. Evaluation: 9 classes, MFNet convention (docs/data.md).
     """
     ll = _bdl_ll_optim()
     return RunConfig(

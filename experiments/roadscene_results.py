@@ -25,11 +25,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import evaluate, fuse, tables
-from experiments.run import holdout_indices
+from experiments.data import holdout_indices
 
 __all__ = ["DEFAULT_CHECKPOINTS", "METRICS", "roadscene_test_folder", "main"]
 
@@ -42,7 +40,7 @@ HOLDOUT = 10
 
 def roadscene_test_folder(roadscene: Path, work: Path, every: int = HOLDOUT) -> Path:
     """Link the held-out test pairs of ``data.holdout=every`` into ``work/roadscene_test/{ir,vi}``."""
-    from fusion.datasets import create_dataset
+    from fusion.data import create_dataset
 
     base = create_dataset("roadscene", roadscene, split="all")
     folder = work / "roadscene_test"

@@ -30,8 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 __all__ = ["Source", "load_sources", "fusion_table", "rank_table", "seg_table", "det_table", "render", "main"]
 

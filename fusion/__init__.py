@@ -1,11 +1,11 @@
 """Fusion networks, fusion losses, metrics, image I/O, colour handling and datasets.
 
 The factories users reach for first are re-exported here; everything else lives in its submodule
-(``fusion.nets``, ``fusion.losses``, ``fusion.metrics``, ``fusion.datasets``, ``fusion.image_io``).
+(``fusion.nets``, ``fusion.losses``, ``fusion.metrics``, ``fusion.data``, ``fusion.image_io``).
 """
 
 from fusion.colour import as_rgb, luminance, rgb_to_ycbcr, to_image, ycbcr_to_rgb
-from fusion.datasets import collate_pairs, create_dataset, list_datasets, make_loader
+from fusion.data import collate_pairs, create_dataset, list_datasets, make_loader, pad_collate
 from fusion.image_io import ImagePairError, read_image, read_pair, save_image
 from fusion.losses import create_fusion_loss, list_fusion_losses
 from fusion.metrics import compute_metrics, list_metrics
@@ -26,6 +26,7 @@ __all__ = [
     "list_metrics",
     "luminance",
     "make_loader",
+    "pad_collate",
     "read_image",
     "read_pair",
     "rgb_to_ycbcr",

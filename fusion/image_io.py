@@ -63,9 +63,18 @@ def _is_wide_colour(image: Image.Image, path: Path) -> bool:
     return False
 
 
-def _read_wide_colour(path: Path) -> np.ndarray:
-    import cv2  # only needed for 16-bit colour, which Pillow cannot decode
+def _opencv(path: Path):
+    """OpenCV, needed only for 16-bit colour images (Pillow cannot decode or write 48-bit colour)."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImagePairError(f"{path} is a 16-bit colour image, which needs OpenCV: "
+                             "pip install 'bilevel-fusion[opencv]' (or opencv-python)") from None
+    return cv2
 
+
+def _read_wide_colour(path: Path) -> np.ndarray:
+    cv2 = _opencv(path)
     array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if array is None or array.dtype != np.uint16 or array.ndim != 3:
         raise ImagePairError(f"cannot decode 16-bit colour image {path}")
@@ -282,9 +291,7 @@ def save_image(image: Tensor, path: str | os.PathLike, *, bits: int = 8, overwri
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         if bits == 16 and array.ndim == 3:  # Pillow cannot write 48-bit colour
-            import cv2
-
-            if not cv2.imwrite(str(tmp), np.ascontiguousarray(array[:, :, ::-1])):
+            if not _opencv(path).imwrite(str(tmp), np.ascontiguousarray(array[:, :, ::-1])):
                 raise OSError(f"OpenCV could not write {tmp}")
         else:
             pil = Image.fromarray(array)  # uint16 → mode I;16, uint8 → L/RGB

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim as _ssim
 from torch import Tensor, nn
 
+from bilevel.registry import lookup
 from fusion.colour import as_rgb, luminance
 
 __all__ = [
@@ -431,17 +432,23 @@ class FusionLoss(nn.Module):
             parts = self.terms(fused, ir, vis, mask)
         total = sum(self.weights[k] * v for k, v in parts.items())
         out = dict(parts)
-        for name, value in (aux_losses or {}).items():
-            total = total + (self.mir_weight if name == "mir" else self.aux_weight) * value
-            out[f"aux_{name}"] = value
+        for name, value in self.weigh_aux(aux_losses or {}).items():
+            total = total + value
+            out[f"aux_{name}"] = aux_losses[name]
         return {"loss": total, **out}
+
+    def weigh_aux(self, aux_losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The net's auxiliary losses as this loss weighs them (``mir`` by ``mir_weight``, the rest by
+        ``aux_weight``): what a trainer adds to the fusion objective when it handles them itself."""
+        return {name: (self.mir_weight if name == "mir" else self.aux_weight) * value
+                for name, value in aux_losses.items()}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.weights.items()) + f", aux_weight={self.aux_weight}"
 
 
 class BDLLoss(FusionLoss):
-    """BDL fusion loss: L1(F, T) + 1.1·(1 − SSIM(F, T)), T = m⊙ir + (1−m)⊙Y (architectures.md §1)."""
+    """BDL fusion loss: L1(F, T) + 1.1·(1 − SSIM(F, T)), T = m⊙ir + (1−m)⊙Y (BDL's released code)."""
 
     def __init__(self, *, l1: float = 1.0, ssim: float = 1.1, **kw):
         super().__init__(**kw)
@@ -577,7 +584,10 @@ def list_fusion_losses() -> list[str]:
 
 
 def create_fusion_loss(name: str, **kwargs) -> FusionLoss:
-    """Build a composite fusion loss preset by name; ``None`` kwargs are dropped (preset defaults apply)."""
-    if name not in _LOSSES:
-        raise KeyError(f"unknown fusion loss {name!r}; available: {', '.join(list_fusion_losses())}")
-    return _LOSSES[name](**{k: v for k, v in kwargs.items() if v is not None})
+    """Build a composite fusion loss preset by name; ``None`` kwargs are dropped (preset defaults apply).
+
+    Raises:
+        bilevel.registry.UnknownNameError: unknown ``name``; the message lists the presets.
+    """
+    cls = lookup(_LOSSES, "fusion loss", name)
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})

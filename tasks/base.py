@@ -56,7 +56,7 @@ class Task(nn.Module):
     Subclasses set :attr:`name` and :attr:`needs` and implement :meth:`forward`, :meth:`lower_loss`,
     :meth:`upper_loss` and :meth:`evaluate`.
 
-    Contract (INTERFACES.md "tasks"):
+    Contract:
 
     * ``fused`` is an image in [0, 1], (B, 3, H, W) or (B, 1, H, W), as produced by ``fusion.colour.to_image``.
     * :meth:`lower_loss` returns ``{"loss": f_k, <components>}``; the caller passes ``fused.detach()``.

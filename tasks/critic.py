@@ -1,14 +1,14 @@
 """Adversarial constraint: a critic that tells fused images from a "real" target image.
 
 BDL (Liu et al., "Bi-level Dynamic Learning for Jointly Multi-modality Image Fusion and Beyond", IJCAI 2023;
-``LiuZhu-CV/BDLFusion``) uses pix2pix's 1×1 "PixelGAN" discriminator as a WGAN critic on the fused luminance
-(architectures.md §2): conv1×1 1→64 (bias) + LeakyReLU(0.2), conv1×1 64→128 (no bias) + BatchNorm + LeakyReLU(0.2),
+``LiuZhu-CV/BDLFusion``) uses pix2pix's 1×1 "PixelGAN" discriminator as a WGAN critic on the fused luminance:
+conv1×1 1→64 (bias) + LeakyReLU(0.2), conv1×1 64→128 (no bias) + BatchNorm + LeakyReLU(0.2),
 conv1×1 128→1 (no bias), 8,704 parameters, critic loss ½(mean D(F) − mean D(T)) and generator term −mean D(F), no
 gradient penalty, no clipping. Its "real" sample is the saliency target T = m⊙ir + (1−m)⊙Y_vis, not a source image.
 
 Besides that faithful setting, this module offers pix2pix's PatchGAN (``arch="patch"``), LSGAN and hinge losses,
 an optional gradient penalty and weight clipping, other "real" samples, and ``norm ∈ {batch, none, group}``:
-BatchNorm couples the images of a batch, which matters inside hypergradient computations (method.md §2).
+BatchNorm couples the images of a batch, which matters inside hypergradient computations.
 """
 
 from __future__ import annotations

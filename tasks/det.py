@@ -1,10 +1,10 @@
 """Object-detection constraint: torchvision (FCOS, RetinaNet, Faster R-CNN) or mmdet 3.x on the fused image.
 
-BDL (IJCAI 2023) constrains fusion with an FCOS detector trained on M3FD (architectures.md §5); MoE-Fusion
+BDL (IJCAI 2023) constrains fusion with an FCOS detector trained on M3FD; MoE-Fusion
 trains Faster R-CNNs jointly. This task wraps a detector behind one interface: the lower- and upper-level loss is
 the sum of the detector's own loss dict, and evaluation reports VOC AP@0.5 (BDL's protocol) and COCO mAP.
 
-Conventions (contracts.md "Boxes and labels"): boxes xyxy in absolute pixels of the fused image, labels 0..C−1.
+Conventions: boxes xyxy in absolute pixels of the fused image, labels 0..C−1.
 torchvision reserves class 0 for the background, so its adapter builds C + 1 classes, adds 1 to the labels going in
 and subtracts 1 coming out; mmdet uses 0..C−1 natively. Images are never resized behind the user's back:
 torchvision's internal resize is set by ``min_size``/``max_size`` (set them to the training resolution; the
@@ -13,7 +13,7 @@ torchvision default upsizes to 800) and this task owns input normalisation (``pr
 
 No weights are downloaded (``weights=None, weights_backbone=None``). Without pretrained weights torchvision uses
 ordinary BatchNorm in the backbone; with small batches and inside functional hypergradient calls, prefer
-``norm="frozen"`` or ``"group"`` (architectures.md §5).
+``norm="frozen"`` or ``"group"``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tasks.metrics import coco_map, voc_ap
 
 __all__ = ["DET_NORMS", "M3FD_CLASSES", "MMDET_BUILTIN_CONFIGS", "TORCHVISION_DETECTORS", "DetTask"]
 
-#: M3FD class order (contracts.md).
+#: M3FD class order (its annotations' label ids 0..5).
 M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
 #: torchvision detector names: ``<detector>_<backbone>_fpn``.
 TORCHVISION_DETECTORS = tuple(f"{d}_{b}_fpn" for d in ("fcos", "retinanet", "fasterrcnn")
@@ -340,9 +340,12 @@ class DetTask(Task):
     def forward(self, fused: Tensor) -> list[dict[str, Tensor]]:
         """Detections on a fused batch: per image ``boxes`` (N, 4) xyxy px, ``scores``, ``labels`` 0..C−1.
 
-        Call in eval mode (torchvision returns detections only then).
+        Call in eval mode (torchvision returns detections only then). Boxes and scores are float32 even under
+        bf16 autocast, where the heads return bf16: bf16 resolves only 2 px at x = 300, and NumPy (the
+        metrics) has no bf16.
         """
-        return self.detector.predict(self.prepare(fused))
+        detections = self.detector.predict(self.prepare(fused))
+        return [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections]
 
     def targets(self, batch: Mapping[str, Any], fused: Tensor) -> list[dict[str, Tensor]]:
         """Validated per-image targets on ``fused``'s device (boxes float32 xyxy px, labels int64 0..C−1)."""
@@ -356,7 +359,7 @@ class DetTask(Task):
             if len(boxes) != len(labels):
                 raise ValueError(f"image {i}: {len(boxes)} boxes but {len(labels)} labels")
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1} (contracts.md), got "
+                raise ValueError(f"image {i}: labels must be in 0..{self.num_classes - 1}, got "
                                  f"{labels.unique().tolist()}")
             if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
                 raise ValueError(f"image {i}: boxes must be xyxy with x2 > x1 and y2 > y1 (degenerate boxes "

@@ -1,6 +1,6 @@
 """Downstream-task metrics: segmentation confusion matrix scores, VOC AP@0.5 and COCO mAP.
 
-Segmentation follows the MFNet/RTFNet convention (metrics.md §3): one confusion matrix accumulated over every
+Segmentation follows the MFNet/RTFNet convention: one confusion matrix accumulated over every
 test pixel (rows = ground truth, columns = prediction), IoU_c = TP/(TP + FP + FN), Acc_c = TP/(TP + FN) (per-class
 recall), and mIoU/mAcc as plain means over *all* classes, unlabelled included. The rule for undefined ratios is
 explicit (``absent``) because published tables silently differ on it.
@@ -12,7 +12,7 @@ Detection offers two protocols that papers mix up:
   so it is written here and tested against hand-computed cases.
 * :func:`coco_map`: COCO mAP@[.50:.95] / AP50 / AP75 computed by pycocotools itself on in-memory COCO objects.
 
-Boxes are xyxy in absolute pixels and labels are 0..C−1 (contracts.md "Boxes and labels").
+Boxes are xyxy in absolute pixels and labels are 0..C−1, as everywhere in the toolkit.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ConfusionMatrix:
 
     Args:
         num_classes: number of classes C (MFNet: 9, unlabelled included).
-        ignore_index: target value whose pixels are skipped (255 in contracts.md).
+        ignore_index: target value whose pixels are skipped (255, the toolkit's convention).
 
     Example:
         >>> cm = ConfusionMatrix(3)
@@ -231,7 +231,7 @@ def voc_ap(predictions: Sequence[Mapping], targets: Sequence[Mapping], num_class
     Per class, the detections of all images are sorted by descending score (stable sort, so ties keep input
     order). A detection is a true positive when its best-overlapping ground-truth box of that class in the same
     image has IoU ≥ ``iou_threshold`` and is not yet matched; otherwise (no overlap, or the best box already taken)
-    it is a false positive — py-faster-rcnn's ``voc_eval`` rule (which writes ``>``; metrics.md and mmdet use ``≥``).
+    it is a false positive — py-faster-rcnn's ``voc_eval`` rule (which writes ``>``; mmdet uses ``≥``).
     AP is the area under the monotone precision envelope (:func:`_all_point_ap`).
 
     Classes without any ground-truth box have AP NaN and are left out of the mean (mmdet's ``eval_map`` rule).

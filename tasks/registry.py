@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from bilevel.registry import lookup
 from tasks.base import Task
 from tasks.critic import CriticTask
 from tasks.det import DetTask
@@ -55,11 +56,13 @@ def list_tasks() -> list[str]:
 def create_task(name: str, **kwargs: Any) -> Task:
     """Builds the task ``name``; keyword arguments set to ``None`` are dropped so that the task's defaults apply.
 
+    Raises:
+        bilevel.registry.UnknownNameError: unknown ``name``; the message lists the registered tasks.
+
     Example:
         >>> task = create_task("critic")          # BDL's pixel critic, WGAN, saliency target
         >>> sum(p.numel() for p in task.parameters())
         8704
     """
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {list_tasks()}")
-    return _TASKS[name](**{k: v for k, v in kwargs.items() if v is not None})
+    factory = lookup(_TASKS, "task", name)
+    return factory(**{k: v for k, v in kwargs.items() if v is not None})

@@ -4,7 +4,7 @@ BDL (IJCAI 2023) constrains fusion with a segmentation network trained on MFNet;
 SegFormer. Rather than fixing one network, this task builds any ``smp.create_model(arch, encoder_name, ...)``
 with ``encoder_weights=None`` (the toolkit runs offline; a local weights file can be loaded strictly). The loss is
 cross-entropy with ``ignore_index`` plus optional Dice; evaluation is the MFNet confusion-matrix protocol of
-:mod:`tasks.metrics` (metrics.md §3).
+:mod:`tasks.metrics`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tasks.metrics import ConfusionMatrix, segmentation_scores
 
 __all__ = ["MFNET_CLASSES", "SegTask"]
 
-#: MFNet / MSRS class order (metrics.md §3).
+#: MFNet / MSRS class order.
 MFNET_CLASSES = ("unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump")
 
 
@@ -37,7 +37,7 @@ class SegTask(Task):
         class_names: names for the per-class metrics; MFNet's when neither argument is given, else "0".."C−1".
         weights: optional local file with the smp model's state dict (or this task's, keys ``model.*``), loaded
             strictly so a mismatched checkpoint fails loudly.
-        ignore_index: target value ignored by the loss and the metrics (255, contracts.md).
+        ignore_index: target value ignored by the loss and the metrics (255, the toolkit's convention).
         dice_weight: weight of the multiclass Dice loss added to cross-entropy (0 = CE only).
         class_weights: optional per-class cross-entropy weights.
         input_norm: ``"imagenet"`` (what smp encoders expect), ``"instance"`` or ``"none"``.

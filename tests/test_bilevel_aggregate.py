@@ -11,6 +11,7 @@ import torch
 
 from bilevel import aggregate, create_aggregator, hypergrad, list_aggregators
 from bilevel.aggregate import CAGrad
+from bilevel.registry import UnknownNameError
 
 DT = torch.float64
 
@@ -51,6 +52,10 @@ def test_registry_and_errors():
     }
     with pytest.raises(ValueError, match="mgda"):
         create_aggregator("nope")
+    with pytest.raises(UnknownNameError, match="unknown aggregator 'pcgard'.*did you mean 'pcgrad'"):
+        create_aggregator("pcgard")
+    with pytest.raises(UnknownNameError, match="dwa"):
+        aggregate("dwaa", _rows([1, 0, 0], [0, 1, 0]))
     with pytest.raises(TypeError, match="valid"):
         create_aggregator("gradnorm_softmax", temperature=2.0)
     with pytest.raises(ValueError, match="shapes"):

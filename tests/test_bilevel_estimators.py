@@ -12,6 +12,8 @@ import torch.nn.functional as F_
 from torch.func import grad, hessian, jacrev
 
 from bilevel import hypergrad, list_hypergrads
+from bilevel.estimators import check_hypergrad_options
+from bilevel.registry import UnknownNameError
 
 DT = torch.float64
 # torch.func's forward-mode decompositions (hessian/jacfwd in the references) call the deprecated jit.script.
@@ -319,6 +321,10 @@ def test_errors_list_valid_names_and_options():
     toy = Toy()
     with pytest.raises(ValueError, match="cg"):
         hypergrad("nope", toy.upper, toy.lower, (toy.x,), toy.ys(toy.th3))
+    with pytest.raises(UnknownNameError, match="estimator 'unroled'.*did you mean 'unrolled'"):
+        hypergrad("unroled", toy.upper, toy.lower, (toy.x,), toy.ys(toy.th3))
+    with pytest.raises(UnknownNameError, match="neumann"):
+        check_hypergrad_options("newman", {})
     with pytest.raises(TypeError, match="valid"):
         hypergrad("gn", toy.upper, toy.lower, (toy.x,), toy.ys(toy.th3), iters=3)
     with pytest.raises(TypeError, match="xi"):

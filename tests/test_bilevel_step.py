@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from bilevel import BilevelStep, Constraint
+from bilevel import BilevelStep, Constraint, UpperOutput
+from bilevel.registry import UnknownNameError
 
 DT = torch.float64
 
@@ -97,18 +98,33 @@ class Setup:
         other.reset_optim()
         return other
 
-    def constraints(self):
+    def constraints(self, streams=None):
+        (c_ll, c_ul), (s_ll, s_ul) = (streams or STREAMS)["critic"], (streams or STREAMS)["seg"]
         return [
             Constraint(
-                "critic", self.critic, self.c_opt, critic_lower(self.critic), critic_upper(self.critic)
+                "critic",
+                self.critic,
+                self.c_opt,
+                critic_lower(self.critic),
+                critic_upper(self.critic),
+                ll_stream=c_ll,
+                ul_stream=c_ul,
             ),
-            Constraint("seg", self.seg, self.s_opt, seg_loss(self.seg), seg_loss(self.seg)),
+            Constraint(
+                "seg",
+                self.seg,
+                self.s_opt,
+                seg_loss(self.seg),
+                seg_loss(self.seg),
+                ll_stream=s_ll,
+                ul_stream=s_ul,
+            ),
         ]
 
-    def step(self, **kw):
+    def step(self, streams=None, fwd=forward, **kw):
         if "aggregate" not in kw:
             kw.update(aggregate="fixed", aggregate_options={"weights": [0.3, 0.7]})
-        return BilevelStep(self.upper, self.opt, forward, self.constraints(), **kw)
+        return BilevelStep(self.upper, self.opt, fwd, self.constraints(streams), **kw)
 
     def modules(self):
         return (self.upper, self.critic, self.seg)
@@ -124,10 +140,11 @@ def _assert_states(a, b, **tol):
         torch.testing.assert_close(x, y, **tol)
 
 
-# Batches: the critic and the segmenter share their LL batch; the critic's UL batch is also the fusion batch.
+# Streams: the critic and the segmenter share their LL stream; the critic's UL stream is also the stream of
+# the standalone upper row ("upper"); the segmenter's UL stream has the default name.
 LL, UL_C, UL_S = make_batch(1), make_batch(2), make_batch(3)
-LLB = {"critic": LL, "seg": LL}
-ULB = {"critic": UL_C, "seg": UL_S}
+STREAMS = {"critic": ("ll", "upper"), "seg": ("ll", None)}
+BATCHES = {"ll": LL, "upper": UL_C, "seg/ul": UL_S}
 
 ESTIMATORS = {
     "none": {},
@@ -148,7 +165,7 @@ def test_image_path_equals_param_path(method, bn):
     for path in ("image", "param"):
         s = base.clone()
         step = s.step(hypergrad=method, hypergrad_options=ESTIMATORS[method], path=path)
-        diag = step.step(LLB, ULB)
+        diag = step.step(BATCHES)
         assert diag["upper_step"] == 1.0 and diag["nonfinite"] == 0.0
         runs[path] = (s, diag, [p.grad.clone() for p in s.upper.parameters()])
     (si, di, gi), (sp, dp, gp) = runs["image"], runs["param"]
@@ -168,7 +185,7 @@ def test_image_path_equals_param_path_with_fusion_row_and_rlw():
             hypergrad="gn", path=path, aggregate="rlw", aggregate_options={"seed": 4}, upper_loss=fusion_loss
         )
         for _ in range(2):
-            diag = step.step(LLB, ULB, upper_batch=UL_C)
+            diag = step.step(BATCHES)
         grads[path] = ([p.grad.clone() for p in s.upper.parameters()], diag)
     _assert_states(grads["image"][0], grads["param"][0], rtol=1e-9, atol=1e-12)
     for name in ("critic", "seg", "fusion"):
@@ -180,14 +197,12 @@ def test_image_path_equals_param_path_with_fusion_row_and_rlw():
     # of the critic and the fusion loss both live on UL_C only
     assert not any(k.startswith("hypergrad/cos/") for k in grads["image"][1])
     s = base.clone()
-    diag = s.step(hypergrad="none", upper_loss=fusion_loss, aggregate="sum").step(LLB, ULB, upper_batch=UL_C)
+    diag = s.step(hypergrad="none", upper_loss=fusion_loss, aggregate="sum").step(BATCHES)
     assert set(k for k in diag if k.startswith("hypergrad/cos/")) == {"hypergrad/cos/critic-fusion"}
 
 
-def test_gn_step_matches_hand_written_reference():
-    """Independent of the estimator code: plain autograd on the real modules after manual LL steps."""
-    base = Setup()
-    ref = base.clone()
+def _gn_reference_rows(ref):
+    """LL steps on the detached LL image, then each constraint's gn row by plain autograd on the modules."""
     with torch.no_grad():
         z = forward(ref.upper, LL)
     for c_opt, f in ((ref.c_opt, critic_lower(ref.critic)), (ref.s_opt, seg_loss(ref.seg))):
@@ -206,9 +221,16 @@ def test_gn_step_matches_hand_written_reference():
         a = sum((p * q).sum() for p, q in zip(gF[len(x) :], gf[len(x) :]))
         b = sum(q.pow(2).sum() for q in gf[len(x) :]) + 1e-12
         rows.append([gF[i] - a / b * gf[i] for i in range(len(x))])
+    return rows
+
+
+def test_gn_step_matches_hand_written_reference():
+    """Independent of the estimator code: plain autograd on the real modules after manual LL steps."""
+    base = Setup()
+    rows = _gn_reference_rows(base.clone())
     expected = [0.3 * r0 + 0.7 * r1 for r0, r1 in zip(*rows)]
     s = base.clone()
-    s.step(hypergrad="gn").step(LLB, ULB)
+    s.step(hypergrad="gn").step(BATCHES)
     _assert_states([p.grad for p in s.upper.parameters()], expected, rtol=1e-9, atol=1e-12)
 
 
@@ -222,7 +244,7 @@ def test_lower_steps_do_not_touch_upper_grads_and_schedule():
     critic_before = [p.detach().clone() for p in s.critic.parameters()]
     flags = []
     for t in range(6):
-        diag = step.step(LLB, ULB)
+        diag = step.step(BATCHES)
         flags.append(diag["upper_step"])
         if t == 0:
             _assert_states([p.grad for p in s.upper.parameters()], sentinel, rtol=0, atol=0)
@@ -240,8 +262,8 @@ def test_lower_steps_do_not_touch_upper_grads_and_schedule():
 def test_estimator_forwards_do_not_move_running_stats(path):
     """With BN, an upper step leaves every buffer where the LL steps alone put it."""
     a, b = Setup(bn=True), Setup(bn=True)
-    a.step(hypergrad="unrolled", hypergrad_options={"steps": 2}, ul_every=1, path=path).step(LLB, ULB)
-    b.step(hypergrad="unrolled", hypergrad_options={"steps": 2}, ul_every=2, path=path).step(LLB, ULB)
+    a.step(hypergrad="unrolled", hypergrad_options={"steps": 2}, ul_every=1, path=path).step(BATCHES)
+    b.step(hypergrad="unrolled", hypergrad_options={"steps": 2}, ul_every=2, path=path).step(BATCHES)
     for ma, mb in zip(a.modules(), b.modules()):
         _assert_states(list(ma.buffers()), list(mb.buffers()), rtol=0, atol=0)
     assert int(a.critic.norm.num_batches_tracked) == 2  # fake + real forward of the LL step only
@@ -249,10 +271,10 @@ def test_estimator_forwards_do_not_move_running_stats(path):
 
 def test_nonfinite_lower_loss_skips_everything():
     s = Setup(bn=True)
-    step = s.step(hypergrad="gn")
+    step = s.step({"critic": ("critic/ll", "upper"), "seg": ("seg/ll", None)}, hypergrad="gn")
     bad = dict(LL, target=torch.full_like(LL["target"], float("nan")))
     before = _state(s)
-    diag = step.step({"critic": bad, "seg": LL}, ULB)
+    diag = step.step({"critic/ll": bad, "seg/ll": LL, "upper": UL_C, "seg/ul": UL_S})
     assert diag["nonfinite"] == 1.0 and diag["upper_step"] == 0.0
     _assert_states(_state(s), before, rtol=0, atol=0, equal_nan=True)
     assert all(p.grad is None for p in s.upper.parameters())
@@ -263,7 +285,7 @@ def test_nonfinite_upper_loss_skips_the_upper_update():
     step = s.step(hypergrad="gn")
     bad = dict(UL_S, vis=torch.full_like(UL_S["vis"], float("nan")))
     upper_before = [p.detach().clone() for p in s.upper.parameters()]
-    diag = step.step(LLB, {"critic": UL_C, "seg": bad})
+    diag = step.step(dict(BATCHES, **{"seg/ul": bad}))
     assert diag["nonfinite"] == 1.0 and diag["upper_step"] == 0.0
     _assert_states([p.detach() for p in s.upper.parameters()], upper_before, rtol=0, atol=0)
 
@@ -272,17 +294,17 @@ def test_state_dict_round_trip_resumes_rlw_sequence():
     base = Setup()
     a = base.clone()
     step_a = a.step(hypergrad="none", aggregate="rlw")
-    ws_a = [step_a.step(LLB, ULB)["agg/weight/critic"] for _ in range(4)]
+    ws_a = [step_a.step(BATCHES)["agg/weight/critic"] for _ in range(4)]
     b = base.clone()
     step_b = b.step(hypergrad="none", aggregate="rlw")
-    ws_b = [step_b.step(LLB, ULB)["agg/weight/critic"] for _ in range(2)]
+    ws_b = [step_b.step(BATCHES)["agg/weight/critic"] for _ in range(2)]
     buf = io.BytesIO()
     torch.save(step_b.state_dict(), buf)
     buf.seek(0)
     step_c = b.step(hypergrad="none", aggregate="rlw")
     step_c.load_state_dict(torch.load(buf, weights_only=True))
     assert step_c.iteration == 2
-    ws_b += [step_c.step(LLB, ULB)["agg/weight/critic"] for _ in range(2)]
+    ws_b += [step_c.step(BATCHES)["agg/weight/critic"] for _ in range(2)]
     assert ws_a == pytest.approx(ws_b, rel=1e-12)
     assert len(set(ws_a)) == 4
     _assert_states(_state(a), _state(b), rtol=1e-9, atol=1e-12)
@@ -293,14 +315,14 @@ def test_gramian_aggregator_switches_to_param_path_and_weights_change_update():
     with pytest.warns(UserWarning, match="param"):
         step = s.step(hypergrad="gn", aggregate="mgda", aggregate_options={})
     assert step.path == "param"
-    diag = step.step(LLB, ULB)
+    diag = step.step(BATCHES)
     assert diag["agg/weight/critic"] + diag["agg/weight/seg"] == pytest.approx(1.0)
     # weights are applied: different fixed weights give different updates (no aliasing)
     base = Setup()
     grads = []
     for w in ([0.2, 0.8], [0.8, 0.2]):
         t = base.clone()
-        t.step(hypergrad="gn", aggregate="fixed", aggregate_options={"weights": w}).step(LLB, ULB)
+        t.step(hypergrad="gn", aggregate="fixed", aggregate_options={"weights": w}).step(BATCHES)
         grads.append(torch.cat([p.grad.reshape(-1) for p in t.upper.parameters()]))
     assert not torch.allclose(grads[0], grads[1])
 
@@ -310,19 +332,21 @@ def test_single_level_grad_clip_and_defaults():
     step = BilevelStep(s.upper, s.opt, forward, [], upper_loss=fusion_loss, grad_clip=1e-3)
     ref = copy.deepcopy(s.upper)
     expected = torch.autograd.grad(fusion_loss(forward(ref, UL_C), UL_C), list(ref.parameters()))
-    diag = step.step({}, {}, upper_batch=UL_C)
+    diag = step.step({"upper": UL_C})
     total = torch.cat([e.reshape(-1) for e in expected]).norm()
     assert diag["agg/weight/fusion"] == pytest.approx(1.0) and diag["agg/norm"] == pytest.approx(float(total))
     scale = 1e-3 / (float(total) + 1e-6)  # clip_grad_norm_ adds 1e-6
     _assert_states(
         [p.grad for p in s.upper.parameters()], [e * scale for e in expected], rtol=1e-9, atol=1e-14
     )
-    with pytest.raises(ValueError, match="upper_batch"):
-        step.step({}, {})
+    with pytest.raises(KeyError, match="'upper'.*upper row 'fusion'"):
+        step.step({})
     with pytest.raises(TypeError, match="valid"):
         s.step(hypergrad="cg", hypergrad_options={"iters": 2, "alpha": 1.0})
-    with pytest.raises(TypeError, match="iters"):
-        s.step(hypergrad="cg")
+    with pytest.raises(UnknownNameError, match="did you mean 'cg'"):
+        s.step(hypergrad="cgg")
+    with pytest.raises(UnknownNameError, match="gradnorm_softmax"):
+        s.step(aggregate="gradnorm")
     with pytest.raises(ValueError, match="2 weights for 3 rows"):
         s.step(upper_loss=fusion_loss)
 
@@ -335,7 +359,7 @@ def test_bf16_autocast_cpu_smoke():
     step = s.step(
         hypergrad="gn", amp_dtype=torch.bfloat16, aggregate="gradnorm_softmax", aggregate_options={}
     )
-    diag = step.step({"critic": to32, "seg": to32}, {"critic": ul, "seg": ul})
+    diag = step.step({"ll": to32, "upper": ul, "seg/ul": ul})
     assert diag["upper_step"] == 1.0 and diag["nonfinite"] == 0.0
     assert all(torch.isfinite(torch.tensor(v)) for v in diag.values())
     assert not all(torch.equal(a, b) for a, b in zip(before, s.upper.parameters()))
@@ -370,7 +394,7 @@ def test_reduce_hook_two_ranks_equal_global_batch(path):
             s = ranks[r]
             step = s.step(hypergrad="gn", path=path, reduce=make_reduce(r))
             ll = half(LL, r)
-            step.step({"critic": ll, "seg": ll}, {"critic": half(UL_C, r), "seg": half(UL_S, r)})
+            step.step({"ll": ll, "upper": half(UL_C, r), "seg/ul": half(UL_S, r)})
         except Exception as err:  # pragma: no cover - surfaced below
             errors.append(err)
             barrier.abort()
@@ -380,7 +404,7 @@ def test_reduce_hook_two_ranks_equal_global_batch(path):
     [t.join() for t in threads]
     assert not errors, errors
     full = base.clone()
-    full.step(hypergrad="gn", path=path).step(LLB, ULB)
+    full.step(hypergrad="gn", path=path).step(BATCHES)
     _assert_states(_state(ranks[0]), _state(full), rtol=1e-9, atol=1e-12)
     _assert_states(_state(ranks[1]), _state(full), rtol=1e-9, atol=1e-12)
 
@@ -390,7 +414,7 @@ def test_constraint_eval_mode_is_restored_and_used():
     runs = []
     for flag in (False, True):
         s = base.clone()
-        s.step(hypergrad="gn", constraint_eval=flag).step(LLB, ULB)
+        s.step(hypergrad="gn", constraint_eval=flag).step(BATCHES)
         assert s.critic.training and s.critic.norm.training and s.seg.norm.training
         runs.append(torch.cat([p.grad.reshape(-1) for p in s.upper.parameters()]))
     assert not torch.allclose(runs[0], runs[1])  # eval-mode BN uses running stats: a different function
@@ -407,7 +431,7 @@ def test_device_image_equals_param(device):
     for path in ("image", "param"):
         s = base.clone()
         s.step(hypergrad="cg", hypergrad_options={"iters": 2, "ridge": 0.1}, path=path).step(
-            {"critic": ll, "seg": ll}, {"critic": ulc, "seg": uls}
+            {"ll": ll, "upper": ulc, "seg/ul": uls}
         )
         grads.append(torch.cat([p.grad.reshape(-1) for p in s.upper.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
@@ -415,15 +439,201 @@ def test_device_image_equals_param(device):
 
 @pytest.mark.parametrize("method", ["none", "gn"])
 def test_shared_ll_and_ul_batch_object(method):
-    """One batch object as LL and UL batch: its forward is reused, with a graph if the upper step needs it."""
+    """One stream as LL and UL stream: its forward is reused, with a graph if the upper step needs it."""
     base = Setup(bn=True)
     grads = []
     for path in ("image", "param"):
         s = base.clone()
-        s.step(hypergrad=method, path=path).step(LLB, {"critic": LL, "seg": LL})
+        s.step({"critic": ("ll", "ll"), "seg": ("ll", "ll")}, hypergrad=method, path=path).step({"ll": LL})
         grads.append(torch.cat([p.grad.reshape(-1) for p in s.upper.parameters()]))
     assert float(grads[0].norm()) > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ streams, aux, warm-up
+
+
+def forward_aux(net, batch):
+    """TinyFusion's forward (same value) plus two weighted aux losses of its hidden features (a MoE gate)."""
+    h = torch.tanh(net.norm(net.conv1(torch.cat([batch["ir"], batch["vis"]], 1))))
+    aux = {"balance": 0.5 * h.mean().pow(2), "sparsity": 0.1 * h.abs().mean()}
+    return UpperOutput(torch.sigmoid(net.conv2(h)), aux)
+
+
+def test_missing_streams_name_the_stream_and_its_users():
+    s = Setup()
+    step = s.step(hypergrad="gn", upper_loss=fusion_loss, aggregate="sum")
+    with pytest.raises(KeyError, match=r"'seg/ul' \(needed by constraint 'seg' \(UL\)\)"):
+        step.step({"ll": LL, "upper": UL_C})
+    users = r"'ll' \(needed by constraint 'critic' \(LL\), constraint 'seg' \(LL\)\)"
+    with pytest.raises(KeyError, match=users):
+        step.step({"upper": UL_C, "seg/ul": UL_S})
+    assert step.iteration == 0
+    # without upper_loss the aux of the forward still need the upper stream
+    aux_step = s.step({"critic": ("ll", "critic/ul"), "seg": ("ll", None)}, fwd=forward_aux, aggregate="sum")
+    with pytest.raises(KeyError, match="'upper' .*upper row 'fusion'"):
+        aux_step.step({"ll": LL, "critic/ul": UL_C, "seg/ul": UL_S})
+
+
+@pytest.mark.parametrize("names, forwards", [(("ll", "ll"), 2), (("ll", "ll2"), 3)], ids=["one", "two"])
+def test_forwards_are_cached_by_stream_name(names, forwards):
+    """Constraints naming one stream share its forward; one batch object under two names is two streams."""
+    calls = []
+
+    def counting(net, batch):
+        calls.append(batch)
+        return forward(net, batch)
+
+    s = Setup()
+    streams = {"critic": (names[0], "upper"), "seg": (names[1], "upper")}
+    step = s.step(streams, fwd=counting, hypergrad="none", upper_loss=fusion_loss, aggregate="sum")
+    step.step({names[0]: LL, names[1]: LL, "upper": UL_C})
+    assert len(calls) == forwards  # LL stream(s) without a graph, then "upper" once with one
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss+aux", "aux-only"])
+def test_aux_param_path_matches_dense_reference(with_loss):
+    """Param path with aux == plain autograd of the full objective: gn rows plus ∇(upper_loss + Σ aux)."""
+    base = Setup()
+    ref = base.clone()
+    rows = _gn_reference_rows(ref)
+    x = list(ref.upper.parameters())
+    out = forward_aux(ref.upper, UL_C)
+    total = out.aux["balance"] + out.aux["sparsity"]
+    if with_loss:
+        total = fusion_loss(out.value, UL_C) + out.aux["balance"] + out.aux["sparsity"]
+    grads = torch.autograd.grad(total, x, allow_unused=True)  # aux alone do not reach conv2
+    rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(x, grads)])
+    total = total.detach()
+    w = [0.3, 0.7, 0.5]
+    expected = [sum(wk * row[i] for wk, row in zip(w, rows)) for i in range(len(x))]
+    s = base.clone()
+    step = s.step(
+        fwd=forward_aux,
+        hypergrad="gn",
+        path="param",
+        upper_loss=fusion_loss if with_loss else None,
+        aggregate="fixed",
+        aggregate_options={"weights": w},
+    )
+    diag = step.step(BATCHES)
+    _assert_states([p.grad for p in s.upper.parameters()], expected, rtol=1e-9, atol=1e-12)
+    assert diag["loss/upper/fusion"] == pytest.approx(float(total), rel=1e-12)
+    assert diag["loss/aux/balance"] == pytest.approx(float(out.aux["balance"].detach()), rel=1e-12)
+    assert diag["loss/aux/sparsity"] == pytest.approx(float(out.aux["sparsity"].detach()), rel=1e-12)
+    assert diag["agg/weight/fusion"] == 0.5
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss+aux", "aux-only"])
+@pytest.mark.parametrize("method", ["none", "gn"])
+def test_aux_image_path_equals_param_path(method, with_loss):
+    """The image path back-propagates w_fusion·Σ aux through the upper stream's graph: same update."""
+    base = Setup(bn=True)
+    runs = {}
+    for path in ("image", "param"):
+        s = base.clone()
+        step = s.step(
+            fwd=forward_aux,
+            hypergrad=method,
+            path=path,
+            upper_loss=fusion_loss if with_loss else None,
+            aggregate="fixed",
+            aggregate_options={"weights": [0.3, 0.7, 0.5]},
+        )
+        diag = step.step(BATCHES)
+        assert diag["upper_step"] == 1.0
+        runs[path] = (diag, [p.grad.clone() for p in s.upper.parameters()], _state(s))
+    (di, gi, si), (dp, gp, sp) = runs["image"], runs["param"]
+    _assert_states(gi, gp, rtol=1e-9, atol=1e-12)
+    _assert_states(si, sp, rtol=1e-9, atol=1e-12)
+    for key in ("loss/upper/fusion", "loss/aux/balance", "loss/aux/sparsity", "agg/norm"):
+        assert di[key] == pytest.approx(dp[key], rel=1e-9)
+    if not with_loss:  # the image-space statistic of an aux-only row is ‖∂upper_loss/∂value‖ = 0
+        assert di["hypergrad/norm/fusion"] == 0.0 and dp["hypergrad/norm/fusion"] > 0
+
+
+@pytest.mark.parametrize("path", ["image", "param"])
+def test_upper_output_without_aux_is_bit_identical_to_a_tensor(path):
+    base = Setup(bn=True)
+    runs = []
+    for fwd in (forward, lambda net, b: UpperOutput(forward(net, b))):
+        s = base.clone()
+        step = s.step(fwd=fwd, hypergrad="gn", path=path, upper_loss=fusion_loss, aggregate="rlw")
+        diags = [step.step(BATCHES) for _ in range(2)]
+        runs.append((diags, _state(s)))
+    assert runs[0][0] == runs[1][0]
+    assert not any(k.startswith("loss/aux/") for k in runs[0][0][1])
+    _assert_states(runs[0][1], runs[1][1], rtol=0, atol=0)
+
+
+def _upper_sched(setup):
+    return torch.optim.lr_scheduler.StepLR(setup.opt, step_size=1, gamma=0.5)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-ll-stream", "ll-on-upper-stream"])
+def test_warmup_matches_hand_written_reference(shared):
+    """Upper stream forward (graph), LL steps on detached images, one plain step on upper_loss + Σ aux."""
+    base = Setup(bn=True)
+    ll_stream, ll_batch = ("upper", UL_C) if shared else ("ll", LL)
+    ref = base.clone()
+    ref_sched = _upper_sched(ref)
+    out = forward_aux(ref.upper, UL_C)
+    with torch.no_grad():
+        z = out.value.detach() if shared else forward_aux(ref.upper, LL).value
+    for c_opt, f in ((ref.c_opt, critic_lower(ref.critic)), (ref.s_opt, seg_loss(ref.seg))):
+        c_opt.zero_grad()
+        f(z, ll_batch).backward()
+        c_opt.step()
+    ref.opt.zero_grad()
+    total = fusion_loss(out.value, UL_C) + out.aux["balance"] + out.aux["sparsity"]
+    total.backward()
+    total = total.detach()
+    norm = torch.nn.utils.clip_grad_norm_(list(ref.upper.parameters()), 1e-2)
+    ref.opt.step()
+    ref_sched.step()
+
+    s = base.clone()
+    streams = {"critic": (ll_stream, "upper"), "seg": (ll_stream, None)}
+    step = s.step(
+        streams,
+        fwd=forward_aux,
+        upper_loss=fusion_loss,
+        ul_every=10,
+        grad_clip=1e-2,
+        upper_scheduler=_upper_sched(s),
+        aggregate="sum",
+    )
+    diag = step.warmup({ll_stream: ll_batch, "upper": UL_C})
+    _assert_states(_state(s), _state(ref), rtol=0, atol=0)
+    assert s.opt.param_groups[0]["lr"] == ref.opt.param_groups[0]["lr"] == 0.05
+    assert step.iteration == 0
+    assert diag["upper_step"] == 1.0 and diag["nonfinite"] == 0.0
+    assert diag["loss/upper/fusion"] == float(total) and diag["agg/norm"] == pytest.approx(float(norm))
+    assert diag["loss/aux/balance"] == float(out.aux["balance"].detach())
+    assert {"loss/lower/critic", "loss/lower/seg", "loss/aux/sparsity"} <= set(diag)
+
+
+def test_warmup_nonfinite_upper_loss_skips_the_upper_update():
+    s = Setup()
+    step = s.step(upper_loss=fusion_loss, upper_scheduler=_upper_sched(s), aggregate="sum")
+    bad = dict(UL_C, vis=torch.full_like(UL_C["vis"], float("nan")))
+    upper_before = [p.detach().clone() for p in s.upper.parameters()]
+    critic_before = [p.detach().clone() for p in s.critic.parameters()]
+    diag = step.warmup({"ll": LL, "upper": bad})
+    assert diag["nonfinite"] == 1.0 and diag["upper_step"] == 0.0
+    assert diag["loss/upper/fusion"] != diag["loss/upper/fusion"]  # NaN is reported
+    _assert_states([p.detach() for p in s.upper.parameters()], upper_before, rtol=0, atol=0)
+    assert all(p.grad is None for p in s.upper.parameters())
+    assert s.opt.param_groups[0]["lr"] == 0.1  # the scheduler did not step
+    assert not all(torch.equal(a, b) for a, b in zip(critic_before, s.critic.parameters()))  # LL steps stay
+
+
+def test_warmup_needs_an_upper_row():
+    s = Setup(bn=True)
+    before = _state(s)
+    with pytest.raises(ValueError, match="upper row"):
+        s.step().warmup({"ll": LL, "upper": UL_C})
+    _assert_states(_state(s), before, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -55,3 +55,25 @@ def test_checkpoint_fuses_a_vifb_pair_and_reproduces_the_committed_metrics(ckpt:
             value = float(get_metric(name)(batch, a, b, profile="reference")[0])
             # a different thread count may flip the rounding of a few pixels: allow 0.1 %
             assert value == pytest.approx(float(expected[name]), rel=1e-3, abs=1e-6), name
+
+
+ROADSCENE_RESULTS = Path(__file__).resolve().parents[1] / "results" / "roadscene" / "per_image.csv"
+
+
+@pytest.mark.parametrize("ckpt", DEFAULT_CHECKPOINTS, ids=lambda p: p.stem)
+def test_committed_checkpoint_evaluates_on_a_fresh_clone(ckpt: Path, shared_data, tmp_path) -> None:
+    """``--resume <ckpt> --eval-only`` needs no path of the machine that trained it (``net.init`` there is
+    provenance only) and reproduces the committed RoadScene test values of its first test image."""
+    from experiments import run
+
+    warm_start = load_checkpoint(ckpt)["config"]["net"]["init"]
+    assert warm_start and not Path(warm_start).exists()      # a path of the training machine
+    result = run.main(["--resume", str(ckpt), "--eval-only", "--data-root", str(shared_data("roadscene")),
+                       "--wandb", "disabled", "--out", str(tmp_path), "--set", "eval.max_images=1",
+                       "--set", "tasks.seg.data_kwargs.test_length=2", "--set", "log.progress=False"])
+    with open(result.run_dir / "eval" / "per_image.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    with open(ROADSCENE_RESULTS, newline="") as fh:
+        expected = next(r for r in csv.DictReader(fh) if r["image"] == row["image"] and r["method"] == ckpt.stem)
+    for name in ("EN", "SD", "SF", "AG", "MI", "VIF", "Qabf", "SSIM"):
+        assert float(row[name]) == pytest.approx(float(expected[name]), rel=1e-3, abs=1e-6), name

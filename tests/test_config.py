@@ -8,6 +8,7 @@ import inspect
 import pytest
 import yaml
 
+from bilevel.registry import UnknownNameError
 from experiments import run
 from experiments.config import (
     AGGREGATOR_SECTIONS,
@@ -104,7 +105,7 @@ def test_presets_roundtrip_through_yaml(name: str, tmp_path) -> None:
 
 def test_required_presets_registered_and_unknown_lists_them() -> None:
     assert REQUIRED_PRESETS <= set(list_presets())
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UnknownNameError) as err:
         get_preset("bdl_nope")
     assert all(n in str(err.value) for n in REQUIRED_PRESETS)
     assert default_preset("det") == "synthetic_det"

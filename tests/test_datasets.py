@@ -1,4 +1,4 @@
-"""fusion.datasets: every layout on a tiny fixture written here, transforms, sampler, collate, shared data.
+"""fusion.data: every layout on a tiny fixture written here, transforms, sampler, collate, shared data.
 
 Oracles: the pixel values, masks and boxes written by the fixtures themselves; boxes after crop/flip are
 checked against the bounding box of a mask rectangle carried through the same transform.
@@ -6,6 +6,7 @@ checked against the bounding box of a mask rectangle carried through the same tr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion.datasets import (
+from bilevel.registry import UnknownNameError
+from fusion.data import (
     M3FD_CLASSES,
     MSRS_CLASSES,
+    FusionDataset,
     RandomCropFlip,
     Resize,
     StepSampler,
@@ -23,7 +26,11 @@ from fusion.datasets import (
     create_dataset,
     list_datasets,
     make_loader,
+    pad_collate,
+    register_dataset,
+    unpad,
 )
+from fusion.data import registry as data_registry
 from fusion.image_io import ImagePairError
 
 H, W = 12, 16
@@ -64,6 +71,34 @@ def test_registry_lists_all_and_rejects_unknown() -> None:
         assert name in names
     with pytest.raises(ValueError, match="valid names.*folder"):
         create_dataset("nosuch", "x")
+    with pytest.raises(UnknownNameError, match="unknown dataset 'nosuch'"):
+        create_dataset("nosuch", "x")
+    with pytest.raises(ValueError, match="needs a root"):
+        create_dataset("roadscene")
+
+
+def test_registry_user_dataset_and_duplicate_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_registry, "_REGISTRY", dict(data_registry._REGISTRY))  # leave the real one alone
+
+    @register_dataset("user_points")
+    class Points(FusionDataset):
+        def __init__(self, root, split, *, n: int = 2) -> None:
+            super().__init__()
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+        def load(self, index: int) -> dict:
+            return {"name": str(index), "ir": torch.full((1, 2, 2), float(index)), "vis": torch.zeros(3, 2, 2)}
+
+    assert "user_points" in list_datasets()
+    ds = create_dataset("user_points", None, n=3)
+    assert isinstance(ds, Points) and len(ds) == 3 and ds[2]["ir"].max().item() == 2.0
+    for name in ("synthetic", "user_points"):
+        with pytest.raises(ValueError, match=f"{name!r} is already registered"):
+            register_dataset(name)(Points)
+    assert data_registry._REGISTRY["user_points"] is Points
 
 
 # -------------------------------------------------------------------------------------------- folder pairs
@@ -297,8 +332,51 @@ def test_crop_flip_is_deterministic_and_drops_hidden_boxes() -> None:
         for k, full in ((1, 48), (2, 96)):
             assert (k in out["labels"].tolist()) == (visible[k] >= 0.5 * full)
         assert len(out["boxes"]) == len(out["labels"])
-    with pytest.raises(ValueError, match="smaller than the crop"):
-        RandomCropFlip(40)(_boxed_sample())
+
+
+def _small_sample(h: int = 191, w: int = 416) -> dict:
+    """A RoadScene-sized pair (416x191, shorter than a 192 crop) with two boxes marked in the mask."""
+    boxes = torch.tensor([[20.0, 30.0, 120.0, 150.0], [300.0, 100.0, 400.0, 180.0]])
+    mask = torch.zeros(h, w, dtype=torch.int64)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist(), start=1):
+        mask[y0:y1, x0:x1] = k
+    ir = torch.rand(1, h, w, generator=torch.Generator().manual_seed(0))
+    return {"name": "FLIR_small", "ir": ir, "vis": torch.cat([ir, 1 - ir, ir / 2]), "mask": mask,
+            "boxes": boxes, "labels": torch.tensor([1, 2])}
+
+
+def test_crop_larger_than_image_upscales_consistently_and_warns_once() -> None:
+    t = RandomCropFlip(192, hflip=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [t(_small_sample(), torch.Generator().manual_seed(s)) for s in range(6)]
+    assert [str(w.message) for w in caught if "upscaling" in str(w.message)] == [str(caught[0].message)]
+    assert "FLIR_small" in str(caught[0].message) and "418x192" in str(caught[0].message)
+    # the rule: scale by crop / short side (192 / 191), aspect kept: 416 -> round(418.18) = 418; then crop
+    reference = RandomCropFlip(192, hflip=True)
+    for s, out in enumerate(outs):
+        assert out["ir"].shape == (1, 192, 192) and out["vis"].shape == (3, 192, 192)
+        assert out["mask"].shape == (192, 192) and out["mask"].dtype == torch.int64
+        assert set(out["mask"].unique().tolist()) <= {0, 1, 2}  # nearest-neighbour: no blended labels
+        expected = reference(Resize((192, 418))(_small_sample()), torch.Generator().manual_seed(s))
+        for key in ("ir", "vis", "mask", "boxes", "labels"):
+            assert torch.equal(out[key], expected[key]), (s, key)
+        # boxes still frame their mask pixels (to within the one-pixel rounding of the nearest upscale)
+        from_mask = torch.tensor(_mask_boxes(out["mask"], out["labels"].tolist()), dtype=torch.float32)
+        torch.testing.assert_close(out["boxes"], from_mask.reshape(-1, 4), atol=1.0, rtol=0.0)
+    assert any(len(out["labels"]) for out in outs)
+    with warnings.catch_warnings(record=True) as caught:  # big enough: no upscale, no warning
+        warnings.simplefilter("always")
+        RandomCropFlip(8)(_boxed_sample(), torch.Generator().manual_seed(0))
+    assert not caught
+
+
+def test_crop_upscale_covers_non_square_crops() -> None:
+    with pytest.warns(UserWarning, match="smaller than the crop 40x40"):
+        assert RandomCropFlip(40)(_boxed_sample())["ir"].shape == (1, 40, 40)  # 30x20 -> 60x40
+    with pytest.warns(UserWarning, match="to 50x33 before"):
+        out = RandomCropFlip((10, 50), hflip=False)(_boxed_sample(), torch.Generator().manual_seed(1))
+    assert out["ir"].shape == (1, 10, 50) and out["mask"].shape == (10, 50)  # 30x20 -> 50x33 (width binds)
 
 
 def test_resize_scales_boxes_and_mask() -> None:
@@ -356,6 +434,33 @@ def test_collate_boxes_and_size_errors() -> None:
         collate_pairs([a, _boxed_sample(20, 31)])
 
 
+def test_pad_collate_mixed_sizes_and_unpad() -> None:
+    samples = [_boxed_sample(20, 30), _boxed_sample(18, 31), _boxed_sample(20, 30)]
+    samples[1]["vis"] = torch.rand(3, 18, 31)
+    batch = pad_collate(samples)
+    assert batch["name"] == ["s", "s", "s"] and batch["size"] == [(20, 30), (18, 31), (20, 30)]
+    assert batch["ir"].shape == (3, 1, 20, 31) and batch["vis"].shape == (3, 3, 20, 31)
+    assert batch["mask"].shape == (3, 20, 31) and batch["mask"].dtype == torch.int64
+    for i, s in enumerate(samples):  # replicate padding at the bottom/right: numpy's "edge" mode as oracle
+        h, w = batch["size"][i]
+        for key in ("ir", "vis"):
+            edge = np.pad(s[key].numpy(), ((0, 0), (0, 20 - h), (0, 31 - w)), mode="edge")
+            assert torch.equal(batch[key][i], torch.from_numpy(edge))
+        assert torch.equal(batch["mask"][i, :h, :w], s["mask"])
+        assert (batch["mask"][i, h:] == 255).all() and (batch["mask"][i, :, w:] == 255).all()
+        assert torch.equal(batch["boxes"][i], s["boxes"])
+    for key in ("ir", "vis", "mask"):
+        assert all(torch.equal(x, s[key]) for x, s in zip(unpad(batch[key], batch["size"]), samples, strict=True))
+    same = pad_collate(samples[:1] * 2)
+    plain = collate_pairs(samples[:1] * 2)
+    assert same["size"] == [(20, 30)] * 2 and all(torch.equal(same[k], plain[k]) for k in ("ir", "vis", "mask"))
+    grey = dict(samples[1], vis=samples[1]["vis"][:1])
+    with pytest.raises(ValueError, match="vis_mode"):
+        pad_collate([samples[0], grey])
+    with pytest.raises(ValueError, match="2 sizes"):
+        unpad(batch["ir"], batch["size"][:2])
+
+
 # -------------------------------------------------------------------------------------------- shared data
 def test_shared_vifb(shared_data) -> None:
     ds = create_dataset("vifb", shared_data("vifb"))
@@ -372,6 +477,26 @@ def test_shared_roadscene(shared_data) -> None:
     for i in (0, 220):
         s = ds[i]
         assert s["ir"].shape[0] == 1 and s["vis"].shape[0] == 3 and s["ir"].shape[-2:] == s["vis"].shape[-2:]
+
+
+def test_shared_roadscene_small_images_train_at_crop_192(shared_data, tmp_path: Path) -> None:
+    """RoadScene has pairs shorter than 192 px (416x191, 597x161, ...): crop-192 training must not crash."""
+    root = shared_data("roadscene")
+    ds = create_dataset("roadscene", root)
+    smallest = sorted(ds.records, key=lambda r: min(Image.open(r.ir).size))[:6]
+    assert min(Image.open(smallest[0].ir).size) < 192  # the case under test is really there
+    (tmp_path / "small.txt").write_text("".join(f"{r.name}\n" for r in smallest))
+    small = create_dataset("roadscene", root, "small", split_file=str(tmp_path / "small.txt"))
+    assert [r.name for r in small.records] == [r.name for r in smallest]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(make_loader(small, batch_size=2, seed=0, crop=192, num_steps=6))
+    assert len([w for w in caught if "upscaling" in str(w.message)]) == 1
+    seen = set()
+    for batch in batches:
+        assert batch["ir"].shape == (2, 1, 192, 192) and batch["vis"].shape == (2, 3, 192, 192)
+        seen.update(batch["name"])
+    assert seen == {r.name for r in smallest}
 
 
 def test_shared_msrs_person8(shared_data) -> None:

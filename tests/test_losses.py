@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bilevel.registry import UnknownNameError
 from fusion.colour import luminance
 from fusion.losses import (
     boxes_to_mask,
@@ -183,7 +184,7 @@ def test_mir_loss():
 # ----------------------------------------------------------------------------------------------- presets
 def test_preset_registry():
     assert set(list_fusion_losses()) == set(PRESETS)
-    with pytest.raises(KeyError, match="tc_moa_vif"):
+    with pytest.raises(UnknownNameError, match="unknown fusion loss 'nope'.*tc_moa_vif"):
         create_fusion_loss("nope")
 
 

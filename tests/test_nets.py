@@ -4,16 +4,26 @@ variant."""
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 
 import pytest
 import torch
 
+from bilevel.registry import UnknownNameError
 from fusion.colour import luminance, to_image
+from fusion.losses import create_fusion_loss
 from fusion.nets import create_fusion_net, fused_output, list_fusion_nets, register_fusion_net
 from fusion.nets import registry as registry_module
 from fusion.nets.moe_fusion import NoisyTopKGate
-from fusion.nets.tc_moa import _shift_mask, apply_intensity_bias, mae_key_map, moa_positions
+from fusion.nets.tc_moa import (
+    _shift_mask,
+    apply_intensity_bias,
+    blend_ramp,
+    mae_key_map,
+    moa_positions,
+    tile_starts,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:TC-MoA. no backbone_ckpt")
 
@@ -56,7 +66,7 @@ def test_registry_names():
 
 
 def test_unknown_name_lists_valid():
-    with pytest.raises(KeyError, match="bdl_tiny"):
+    with pytest.raises(UnknownNameError, match="unknown fusion net 'no_such_net'.*bdl_tiny"):
         create_fusion_net("no_such_net")
 
 
@@ -251,25 +261,67 @@ def test_tc_moa_frozen_backbone_and_real_parameters():
     assert all(p.requires_grad for p in unfrozen.backbone.parameters())
 
 
-def test_tc_moa_warns_without_checkpoint_and_loads_mae_keys(tmp_path):
+def _mae_checkpoint(src: torch.nn.Module, encoder_only: bool) -> dict:
+    """An MAE checkpoint with the official key names: ``{"model": state}``, cls token and position tables
+    included; the encoder-only release (MAE pre-training) has no decoder, and a classifier head here."""
+    state = {k: v.clone() for k, v in src.backbone.state_dict().items()}
+    state.update(cls_token=torch.zeros(1, 1, 64), pos_embed=torch.zeros(1, 65, 64))
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith("decoder_")}
+        state["head.weight"] = torch.zeros(10, 64)
+    else:
+        state.update(mask_token=torch.zeros(1, 1, 32), decoder_pos_embed=torch.zeros(1, 65, 32))
+    return {"model": state}
+
+
+def test_tc_moa_loads_full_mae_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="randomly initialised"):
         src = create_fusion_net("tc_moa_tiny")
-    mae = {f"module.{k}": v for k, v in src.backbone.state_dict().items()}
-    mae.update(
-        cls_token=torch.zeros(1, 1, 64), pos_embed=torch.zeros(1, 65, 64), mask_token=torch.zeros(1, 1, 32)
-    )
-    path = tmp_path / "mae.pth"
-    torch.save({"model": mae}, path)
+    ckpt = _mae_checkpoint(src, encoder_only=False)
+    ckpt["model"] = {f"module.{k}": v for k, v in ckpt["model"].items()}  # a DDP-saved copy
+    path = tmp_path / "mae_visualize.pth"
+    torch.save(ckpt, path)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a checkpoint silences the random-init warning
+        warnings.simplefilter("error")  # a complete checkpoint: no random-init, no missing-key warning
         net = create_fusion_net("tc_moa_tiny", backbone_ckpt=str(path))
     for (k, a), b in zip(src.backbone.state_dict().items(), net.backbone.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
-    assert set(mae_key_map({"model": mae})) == set(src.backbone.state_dict())
-    del mae["module.decoder_pred.bias"]
-    torch.save({"model": mae}, path)
-    with pytest.raises(RuntimeError, match="decoder_pred.bias"):
+    assert set(mae_key_map(ckpt)) == set(src.backbone.state_dict())
+    assert mae_key_map({"state_dict": {"norm.weight": torch.ones(1)}}) == {"norm.weight": torch.ones(1)}
+    result = net.load_backbone(path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_tc_moa_loads_encoder_only_checkpoint_and_reports_keys(tmp_path):
+    src = create_fusion_net("tc_moa_tiny")
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save(_mae_checkpoint(src, encoder_only=True), path)
+    torch.manual_seed(7)
+    fresh = create_fusion_net("tc_moa_tiny")  # the decoder a checkpoint-less build gets with this seed
+    torch.manual_seed(7)
+    reported = r"missing keys.*decoder_blocks\.\*\.attn\.qkv\.weight.*unexpected.*head\.weight"
+    with pytest.warns(UserWarning, match=reported):
+        net = create_fusion_net("tc_moa_tiny", backbone_ckpt=str(path))
+    loaded, kept = net.backbone.state_dict(), fresh.backbone.state_dict()
+    for k, v in src.backbone.state_dict().items():
+        expected = kept[k] if k.startswith("decoder_") else v
+        torch.testing.assert_close(loaded[k], expected, msg=k)
+    with pytest.warns(UserWarning):
+        result = net.load_backbone(path)
+    decoder_keys = {k for k in loaded if k.startswith("decoder_")}
+    assert set(result.missing_keys) == decoder_keys and result.unexpected_keys == ["head.weight"]
+
+
+def test_tc_moa_checkpoint_shape_mismatch_fails(tmp_path):
+    src = create_fusion_net("tc_moa_tiny")
+    ckpt = _mae_checkpoint(src, encoder_only=False)
+    ckpt["model"]["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 64)
+    path = tmp_path / "other.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(3, 64\)"):
         create_fusion_net("tc_moa_tiny", backbone_ckpt=str(path))
+    with pytest.raises(FileNotFoundError, match="backbone_ckpt=None"):
+        create_fusion_net("tc_moa_tiny", backbone_ckpt=str(tmp_path / "absent.pth"))
 
 
 def test_intensity_bias_is_eq8():
@@ -299,6 +351,110 @@ def test_tc_moa_bias_control_transforms_prompts_and_output():
             m.routers[1].w_gate.normal_()
         other = net(ir, vis, task="mef")
     assert (other["fused"] - base["fused"]).abs().max() > 1e-6
+
+
+def test_tc_moa_bias_defaults_from_kwargs_and_per_sample():
+    """α, β set at construction are the forward's defaults (and kept in the config); the call overrides them,
+    and (B,) tensors give each image its own control."""
+    plain = create_fusion_net("tc_moa_tiny").eval()
+    biased = create_fusion_net("tc_moa_tiny", bias_alpha=0.5, bias_beta=0.1).eval()
+    biased.load_state_dict(plain.state_dict())
+    assert (biased.config["bias_alpha"], biased.config["bias_beta"]) == (0.5, 0.1)
+    ir, vis = _inputs(2, (32, 48), "cpu")
+    with torch.no_grad():
+        explicit = plain(ir, vis, bias_alpha=0.5, bias_beta=0.1)["fused"]
+        torch.testing.assert_close(biased(ir, vis)["fused"], explicit)
+        reset = biased(ir, vis, bias_alpha=1.0, bias_beta=0.0)["fused"]
+        torch.testing.assert_close(reset, plain(ir, vis)["fused"])
+        alphas, betas = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.1])
+        mixed = plain(ir, vis, bias_alpha=alphas, bias_beta=betas)["fused"]
+    torch.testing.assert_close(mixed[0], plain(ir, vis)["fused"][0])
+    torch.testing.assert_close(mixed[1], explicit[1])
+
+
+def test_tile_starts_cover_with_overlap_and_are_fewest():
+    for length, tile, overlap in [(100, 40, 10), (64, 32, 8), (33, 32, 8), (1000, 448, 112), (30, 40, 10)]:
+        starts = tile_starts(length, tile, overlap)
+        size = min(tile, length)
+        assert starts[0] == 0 and starts[-1] + size == length
+        assert all(0 < b - a <= size - overlap for a, b in itertools.pairwise(starts))
+        n = len(starts)
+        assert n == 1 or (n - 2) * (tile - overlap) + tile < length  # one tile fewer could not cover
+    ramp = blend_ramp(10, 3)
+    torch.testing.assert_close(ramp, torch.tensor([1, 2, 3, 4, 4, 4, 4, 3, 2, 1]) / 4.0)
+
+
+def test_tc_moa_tiled_blend_is_a_partition_of_unity(monkeypatch):
+    """When every tile returns the same function of its pixels (here 2·vis + ir), the blend is that function
+    of the whole image to rounding: the overlapping weights sum to one everywhere (a constant stays put)."""
+    net = create_fusion_net("tc_moa_tiny", tile_size=32, tile_overlap=8).eval()
+    seen = []
+
+    def fake_fuse(ir, vis, t, alpha, beta):
+        seen.append(tuple(vis.shape[-2:]))
+        return {"fused": vis * 2 + ir, "aux_losses": {"mir": vis.mean()}, "prompts": [{"stage": "encoder"}]}
+
+    monkeypatch.setattr(net, "_fuse", fake_fuse)
+    ir, vis = _inputs(2, (50, 70), "cpu")
+    out = net(ir, vis)
+    torch.testing.assert_close(out["fused"], vis * 2 + ir)
+    assert len(seen) == 2 * 3 and set(seen) == {(32, 32)}  # 50 → 2 rows, 70 → 3 columns of 32 px tiles
+    tiles = [(y, x) for y in tile_starts(50, 32, 8) for x in tile_starts(70, 32, 8)]
+    expected_mir = torch.stack([vis[..., y : y + 32, x : x + 32].mean() for y, x in tiles]).mean()
+    torch.testing.assert_close(out["aux_losses"]["mir"], expected_mir)
+    assert [q["tile"] for q in out["prompts"]] == tiles
+    constant = torch.full((1, 3, 50, 70), 0.3)
+    torch.testing.assert_close(net(constant[:, :1], constant)["fused"], torch.full((1, 3, 50, 70), 0.9))
+
+
+def test_tc_moa_tiled_inference():
+    """Where the image fits one tile, tiled = untiled; a larger image runs tile by tile; training never
+    tiles."""
+    net = create_fusion_net("tc_moa_tiny").eval()  # tile_size 64
+    whole = create_fusion_net("tc_moa_tiny", tile_size=0).eval()
+    whole.load_state_dict(net.state_dict())
+    ir, vis = _inputs(2, (48, 40), "cpu")
+    with torch.no_grad():
+        a, b = net(ir, vis), whole(ir, vis)
+    torch.testing.assert_close(a["fused"], b["fused"])
+    for key in ("mir", "balance"):
+        torch.testing.assert_close(a["aux_losses"][key], b["aux_losses"][key])
+    ir, vis = _inputs(1, (80, 150), "cpu")  # 2 × 3 tiles of 64 px
+    with torch.no_grad():
+        out = net(ir, vis)
+        untiled = whole(ir, vis)["fused"]
+    assert out["fused"].shape == (1, 3, 80, 150) and torch.isfinite(out["fused"]).all()
+    assert len({q["tile"] for q in out["prompts"]}) == 6
+    assert (out["fused"] - untiled).abs().max() > 1e-6  # the tiles really saw other context
+    net.train()
+    assert all("tile" not in q for q in net(ir, vis)["prompts"])
+    with pytest.raises(ValueError, match="tile_overlap"):
+        create_fusion_net("tc_moa_tiny", tile_size=32, tile_overlap=32)
+
+
+def test_moe_input_attention_trains():
+    """``attention="input"`` builds and trains: every parameter gets a gradient and the loss falls."""
+    net = create_fusion_net("moe_fusion_tiny", attention="input").train()
+    assert net.saliency is None and net.config["attention"] == "input"
+    _route_everywhere(net)
+    ir, vis = _inputs(2, (32, 32), "cpu")
+    boxes = torch.zeros(2, 1, 32, 32)
+    boxes[0, :, 4:20, 6:18] = 1
+    boxes[1, :, 10:30, 2:12] = 1
+    loss_fn = create_fusion_loss("moe")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        raw, aux = fused_output(net(ir, vis, attention=boxes))
+        loss = loss_fn(raw, ir, vis, mask=boxes, aux_losses=aux)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+            assert not missing, f"parameters without gradient: {missing}"
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
 
 
 def test_tc_moa_shift_mask_structure():

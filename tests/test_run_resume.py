@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from experiments import run
+from experiments import engine, run
 
 BASE = ["--task", "seg", "--smoke", "--aggregate", "rlw", "--wandb", "disabled", "--set", "train.iters=5",
         "--set", "eval.enabled=False", "--set", "log.image_every=0"]
@@ -31,14 +31,14 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch) -> Non
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)   # the real Ctrl-C path: handler → flag → save → exit
 
-    monkeypatch.setattr(run, "_after_step", ctrl_c_at_3)
+    monkeypatch.setattr(engine, "after_step", ctrl_c_at_3)
     with pytest.raises(run.RunInterrupted) as err:
         run.main([*BASE, "--out", str(tmp_path / "part")])
     assert err.value.step == 3 and err.value.checkpoint.name == "last.pt"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
     ckpt = torch.load(err.value.checkpoint, weights_only=True)
     assert ckpt["step"] == 3 and ckpt["aggregator_state"]["iteration"] == 2   # 1 warm-up + 2 bi-level steps
-    monkeypatch.setattr(run, "_after_step", lambda step: None)
+    monkeypatch.setattr(engine, "after_step", lambda step: None)
 
     resumed = run.main(["--resume", str(err.value.checkpoint), "--wandb", "disabled", "--out",
                         str(tmp_path / "resumed")])

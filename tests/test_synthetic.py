@@ -1,11 +1,11 @@
-"""fusion.synthetic: determinism, label consistency, split disjointness and the physical cues it promises."""
+"""fusion.data.synthetic: determinism, label consistency, split disjointness and the physical cues it promises."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fusion.datasets import M3FD_CLASSES, MSRS_CLASSES, RandomCropFlip, collate_pairs, create_dataset
+from fusion.data import M3FD_CLASSES, MSRS_CLASSES, RandomCropFlip, collate_pairs, create_dataset
 
 # M3FD label → MSRS class its pixels carry (Lamp has no MSRS class)
 SEG_OF_DET = {0: 2, 1: 1, 2: 1, 3: 3, 5: 1}

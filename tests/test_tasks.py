@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from bilevel.registry import UnknownNameError
 from fusion.colour import luminance
-from fusion.datasets import collate_pairs, create_dataset
+from fusion.data import collate_pairs, create_dataset
 from fusion.losses import saliency_fallback
 from tasks import registry
 from tasks.base import Task, normalize_input
@@ -50,7 +51,7 @@ def _task(name: str) -> Task:
 # ------------------------------------------------------------------ registry and base
 def test_registry_lists_and_rejects(monkeypatch):
     assert {"critic", "seg", "det", "critic_tiny", "seg_tiny", "det_tiny"} <= set(list_tasks())
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(UnknownNameError, match="unknown task 'segmentation_xl'.*valid names: critic"):
         create_task("segmentation_xl")
     monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
     register_task("my_critic", CriticTask)

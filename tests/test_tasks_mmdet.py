@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("mmdet")
 pytest.importorskip("mmcv.ops")
 
-from fusion.datasets import collate_pairs, create_dataset
+from fusion.data import collate_pairs, create_dataset
 from tasks.det import DetTask
 
 pytestmark = pytest.mark.mmdet

@@ -2,7 +2,7 @@
 
 Every metric is ``fn(fused, a, b, *, profile="reference") -> Tensor (B,)`` on [0, 1] tensors
 (``a`` = infrared, ``b`` = visible; sources may have batch 1 against B fused images). Profiles fix the
-conventions of a toolbox (``reference``, ``vifb``, ``tang``, ``tang_legacy``, ``cddfuse``; see
+conventions of a toolbox (``reference``, ``vifb``, ``tang``, ``tang_legacy``, ``cddfuse``, ``mefb``; see
 :mod:`fusion.metrics.profiles`); a metric asked for a profile it does not reproduce raises
 :class:`ProfileError`. Example::
 
@@ -15,11 +15,31 @@ registered and raise ``NotImplementedError`` (``list_metrics(implemented_only=Fa
 
 from __future__ import annotations
 
-from fusion.metrics import edges, information, perceptual, similarity, statistics, structural
+from fusion.metrics import (
+    edges,
+    feature_mi,
+    information,
+    perceptual,
+    phase,
+    similarity,
+    statistics,
+    structural,
+    windowed,
+)
 from fusion.metrics.edges import nabf, qabf
-from fusion.metrics.information import ce, en, mi, nmi
+from fusion.metrics.feature_mi import fmi, fmi_dct, fmi_pixel
+from fusion.metrics.information import ce, en, mi, nmi, qncie, te
 from fusion.metrics.perceptual import qcb, qcv
-from fusion.metrics.profiles import PROFILES, Profile, ProfileError, get_profile, list_profiles, prepare
+from fusion.metrics.phase import qp
+from fusion.metrics.profiles import (
+    MEFB_METRICS,
+    PROFILES,
+    Profile,
+    ProfileError,
+    get_profile,
+    list_profiles,
+    prepare,
+)
 from fusion.metrics.registry import (
     CANONICAL_ORDER,
     FusionMetric,
@@ -33,24 +53,18 @@ from fusion.metrics.registry import (
 )
 from fusion.metrics.similarity import cc, mse, psnr, rmse, scd
 from fusion.metrics.statistics import ag, ei, sd, sf
-from fusion.metrics.structural import mef_ssim, ms_ssim, q0, qe, qw, ssim, vif
+from fusion.metrics.structural import mef_ssim, ms_ssim, q0, qe, qw, ssim, vif, viff
+from fusion.metrics.windowed import qc, qy
 
 _NOT_IMPLEMENTED = {
-    "FMI_pixel": (True, "the Nelsen-bound joint-pdf weighting of Haghighat's fast FMI (2014) is not in our notes"),
-    "FMI_dct": (True, "the Nelsen-bound joint-pdf weighting of Haghighat's fast FMI (2014) is not in our notes"),
-    "FMI_wavelet": (True, "the Nelsen-bound joint-pdf weighting of Haghighat's fast FMI (2014) is not in our notes"),
-    "VIFF": (True, "the VID/VIND expressions of Han et al. (2013) are not in our notes"),
-    "Qy": (True, "window and constants of Yang et al. (2008) not verified"),
-    "Qncie": (True, "Wang's nonlinear correlation information entropy formula is not in our notes"),
-    "Qp": (True, "Zhao's phase-congruency metric (2007) formula is not in our notes"),
-    "Qc": (True, "Cvejic's metric (2005) formula is not in our notes"),
-    "TE": (True, "Tsallis entropy metric (Cvejic 2006): formula and order parameter are not in our notes"),
+    "FMI_wavelet": (True, "needs the 62-tap discrete Meyer (dmey) filter bank of MATLAB's dwt2, not available here"),
 }
 for _name, (_hib, _why) in _NOT_IMPLEMENTED.items():
     register_unimplemented(_name, higher_is_better=_hib, reason=_why)
 
 __all__ = [
     "CANONICAL_ORDER",
+    "MEFB_METRICS",
     "PROFILES",
     "FusionMetric",
     "MetricSpec",
@@ -71,6 +85,9 @@ __all__ = [
     "ce",
     "ei",
     "en",
+    "fmi",
+    "fmi_dct",
+    "fmi_pixel",
     "mef_ssim",
     "mi",
     "ms_ssim",
@@ -80,21 +97,30 @@ __all__ = [
     "psnr",
     "q0",
     "qabf",
+    "qc",
     "qcb",
     "qcv",
     "qe",
+    "qncie",
+    "qp",
     "qw",
+    "qy",
     "rmse",
     "scd",
     "sd",
     "sf",
     "ssim",
+    "te",
     "vif",
+    "viff",
     # families
     "edges",
+    "feature_mi",
     "information",
     "perceptual",
+    "phase",
     "similarity",
     "statistics",
     "structural",
+    "windowed",
 ]

@@ -50,7 +50,7 @@ def _ratio(g2x: Tensor, g2f: Tensor, gx: Tensor, gf: Tensor, equal: Tensor) -> T
 @register_metric(
     "Qabf",
     higher_is_better=True,
-    profiles=("reference", "vifb", "tang", "cddfuse"),
+    profiles=("reference", "vifb", "tang", "cddfuse", "mefb"),
     reference="Xydeas & Petrović, Electron. Lett. 36(4), 2000",
 )
 def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
@@ -59,7 +59,7 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     Sobel strength g and orientation α = atan(Sy/Sx) (π/2 where Sx = 0); G = min/max strength ratio,
     A = 1 − |α_X − α_F|/(π/2); Q_g = 0.9994/(1 + e^{−15(G − 0.5)}), Q_α = 0.9879/(1 + e^{−22(A − 0.8)}).
     Where g_X = g_F the compatibility profiles keep the codes' quirk G = g_F (VIFB works on 255×
-    scaled data, so G = 255·g_F there); ``reference`` uses the intended G = 1.
+    scaled data, so G = 255·g_F there; ``mefb`` runs the same code); ``reference`` uses the intended G = 1.
 
     On CPU the per-pixel terms run in float32 (Sobel responses of uint8 data are exact there; the
     sigmoids are accurate to ~1e-7) and the sums in float64; ``FUSION_METRICS_FLOAT64=1`` forces float64.
@@ -67,7 +67,7 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     f, xa, xb = (x.to(window_dtype(x.device)) for x in prepare(profile, fused, a, b))
     tg, kg, dg, ta, ka, da = 0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8
     g2f, gf, af = _edges(f)
-    if profile == "vifb":
+    if profile in ("vifb", "mefb"):
         equal = 255.0 * gf
     elif profile == "reference":
         equal = torch.ones_like(gf)

@@ -13,24 +13,11 @@ import math
 import torch
 from torch import Tensor
 
-from fusion.metrics._utils import block_reduce_sum, channel_mean, sobel
+from fusion.metrics._utils import block_reduce_sum, channel_mean, normalise_255, sobel
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["qcb", "qcv"]
-
-
-def normalise_255(x: Tensor) -> Tensor:
-    """Min–max normalise each channel to round(0–255) (Liu's ``normalize1``; an all-zero channel stays).
-
-    A constant non-zero channel has no range; like the reference code it yields NaN.
-    """
-    flat = x.flatten(-2)
-    mn = flat.amin(-1)[..., None, None]
-    mx = flat.amax(-1)[..., None, None]
-    out = torch.floor((x - mn) / (mx - mn) * 255 + 0.5)  # MATLAB round; values ≥ 0
-    keep = (mx == 0) & (mn == 0)
-    return torch.where(keep, x, out)
 
 
 def _radial_grid(h: int, w: int, scale: float, device) -> Tensor:
@@ -77,7 +64,7 @@ def _local_contrast(x: Tensor, g1: Tensor, g2: Tensor, size: tuple[int, int]) ->
 @register_metric(
     "Qcb",
     higher_is_better=True,
-    profiles=("reference", "vifb"),
+    profiles=("reference", "vifb", "mefb"),
     reference="Chen & Blum, Image Vis. Comput. 27(10), 2009 (Z. Liu's metricChenBlum, as in VIFB)",
 )
 def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
@@ -87,7 +74,8 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     S(r) = exp(−(r/15.3870)²) − 0.7622·exp(−(r/1.3456)²) on the ``freqspace`` grid × (size/30); local
     contrast C = |G₂ ∗ I / G₄ ∗ I − 1| (31×31 Gaussians σ = 2, 4); masked contrast C′ = C³/(C² + 1e-4)
     (k = h = 1, p = 3, q = 2, Z = 1e-4); Q_XF = min(C′_X/C′_F, C′_F/C′_X); saliency
-    λ_X = C′_X²/(C′_A² + C′_B²); Qcb = mean(λ_A Q_AF + λ_B Q_BF). ``vifb``: per RGB channel, averaged.
+    λ_X = C′_X²/(C′_A² + C′_B²); Qcb = mean(λ_A Q_AF + λ_B Q_BF). ``vifb``/``mefb``: per RGB channel,
+    averaged.
     """
     f, xa, xb = prepare(profile, fused, a, b)
     h, w = f.shape[-2:]
@@ -115,7 +103,7 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
 @register_metric(
     "Qcv",
     higher_is_better=False,
-    profiles=("reference", "vifb"),
+    profiles=("reference", "vifb", "mefb"),
     reference="Chen & Varshney, Inf. Fusion 8(2), 2007 (Z. Liu's metricChen, as in VIFB)",
 )
 def qcv(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
@@ -124,7 +112,8 @@ def qcv(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     Images min–max normalised to round(0–255). Saliency λ_X of each 16×16 block = Σ g_X^5 with g the
     Sobel magnitude (filter2 'same'); D_X = block mean (zero-padded partial blocks divide by 256) of the
     squared Mannos–Sakrison-filtered difference X − F, CSF 2.6(0.0192 + 0.144r)·exp(−(0.144r)^1.1) on
-    the ``freqspace`` grid × (size/8); Qcv = Σ(λ_A D_A + λ_B D_B)/Σ(λ_A + λ_B). ``vifb``: per RGB channel.
+    the ``freqspace`` grid × (size/8); Qcv = Σ(λ_A D_A + λ_B D_B)/Σ(λ_A + λ_B). ``vifb``/``mefb``: per RGB
+    channel.
     """
     f, xa, xb = prepare(profile, fused, a, b)
     h, w = f.shape[-2:]

@@ -20,6 +20,11 @@ Profiles:
 * ``tang_legacy`` — the older variant behind ``Metric_TNO.xlsx`` (same colour handling as ``tang``).
 * ``cddfuse`` — MMIF-CDDFuse ``utils/Evaluator.py``: OpenCV BGR→GRAY on float32, then ``np.round``
   (halves to even).
+* ``mefb`` — the MEFB MATLAB toolbox (Zhang, Information Fusion 2021), which reads uint8 images: like
+  ``vifb``, metrics run per RGB channel and average, except where a metric's MEFB code converts with
+  ``rgb2gray`` (MEF-SSIM; see each metric); grey images are replicated to three channels. (MEFB's wrappers
+  would instead score grey sources against the first channel of a colour fused image; MEF/MFF benchmarks
+  are colour throughout.) :data:`MEFB_METRICS` is its column order.
 """
 
 from __future__ import annotations
@@ -32,7 +37,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Profile", "ProfileError", "PROFILES", "get_profile", "list_profiles", "prepare", "shared_preparation"]
+from bilevel.registry import lookup
+
+__all__ = [
+    "Profile",
+    "ProfileError",
+    "PROFILES",
+    "MEFB_METRICS",
+    "get_profile",
+    "list_profiles",
+    "prepare",
+    "shared_preparation",
+    "matlab_rgb2gray",
+]
 
 
 class ProfileError(ValueError):
@@ -48,12 +65,20 @@ class Profile:
         colour: ``"luma"`` (BT.601, float), ``"rgb"`` (per channel), ``"matlab_gray"`` or ``"opencv_gray"``.
         quantise: round the inputs to uint8 levels first (codes that read uint8 files).
         description: one line for tables and ``meta.json``.
+        order: the toolbox's own metric order, used by ``list_metrics(profile)`` (empty: canonical order).
     """
 
     name: str
     colour: str
     quantise: bool
     description: str
+    order: tuple[str, ...] = ()
+
+
+MEFB_METRICS = tuple(
+    "CE EN FMI NMI PSNR Qncie TE AG EI Qabf Qp SD SF Qc Qw Qy MEF_SSIM Qcb Qcv VIFF".split()
+)
+"""MEFB's 20 metrics in its table order. MEFB's column "VIF" is VIFF (Han et al. 2013), not VIF-P."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -64,6 +89,7 @@ PROFILES: dict[str, Profile] = {
         Profile("tang", "matlab_gray", True, "Linfeng-Tang MATLAB evaluation: rgb2gray uint8"),
         Profile("tang_legacy", "matlab_gray", True, "Tang Metric_TNO.xlsx legacy variant"),
         Profile("cddfuse", "opencv_gray", True, "MMIF-CDDFuse utils/Evaluator.py: cv2 grey, rounded"),
+        Profile("mefb", "rgb", True, "MEFB MATLAB toolbox: uint8, per RGB channel then averaged", MEFB_METRICS),
     )
 }
 
@@ -77,13 +103,11 @@ def list_profiles() -> list[str]:
 
 
 def get_profile(name: str | Profile) -> Profile:
-    """Profile by (case-insensitive) name; unknown names list the valid ones."""
+    """Profile by (case-insensitive) name; unknown names raise ``bilevel.registry.UnknownNameError``."""
     if isinstance(name, Profile):
         return name
     key = str(name).lower()
-    if key not in PROFILES:
-        raise ProfileError(f"unknown metric profile {name!r}; choose from {', '.join(PROFILES)}")
-    return PROFILES[key]
+    return lookup(PROFILES, "metric profile", key if key in PROFILES else name)
 
 
 def _as_4d(x: Tensor, what: str) -> Tensor:
@@ -123,6 +147,11 @@ def shared_preparation() -> Iterator[None]:
 def _quantise(x: Tensor) -> Tensor:
     """uint8 conversion of 0–255 data: clamp, then round halves up (values are non-negative)."""
     return torch.floor(x.clamp(0, 255) + 0.5)
+
+
+def matlab_rgb2gray(x: Tensor) -> Tensor:
+    """MATLAB ``rgb2gray`` of a uint8 image on the 0–255 scale: weighted sum, rounded to uint8; grey stays."""
+    return _quantise(_grey(x, _MATLAB_GRAY)) if x.shape[1] == 3 else x
 
 
 def prepare(profile: str | Profile, *images: Tensor) -> tuple[Tensor, ...]:
@@ -172,7 +201,7 @@ def _prepare(prof: Profile, images: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             if prof.colour == "luma":
                 x = _grey(x, _BT601)
             elif prof.colour == "matlab_gray":
-                x = _quantise(_grey(x, _MATLAB_GRAY))
+                x = matlab_rgb2gray(x)
             else:  # OpenCV on float32, then numpy rounding (halves to even)
                 x = torch.round(_grey(x.to(torch.float32), _BT601)).to(torch.float64)
         res.append(x)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from bilevel.registry import lookup
 from fusion.metrics.profiles import ProfileError, get_profile, shared_preparation
 
 __all__ = [
@@ -33,10 +34,10 @@ __all__ = [
 MetricFn = Callable[..., Tensor]
 
 CANONICAL_ORDER = (
-    "EN SD SF AG EI MI NMI FMI_pixel FMI_dct FMI_wavelet SCD CC PSNR MSE RMSE CE VIF VIFF Qabf Nabf SSIM "
+    "EN SD SF AG EI MI NMI FMI FMI_pixel FMI_dct FMI_wavelet SCD CC PSNR MSE RMSE CE VIF VIFF Qabf Nabf SSIM "
     "MS_SSIM Qcb Qcv Q0 Qw Qe Qy Qncie Qp Qc TE MEF_SSIM"
 ).split()
-"""contracts.md order, used by :func:`list_metrics` and the evaluation tables."""
+"""The canonical metric order, used by :func:`list_metrics` and the evaluation tables."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class MetricSpec:
     """Everything known about one metric.
 
     Attributes:
-        name: canonical name (contracts.md spelling).
+        name: canonical name.
         fn: the profile-checking batched function.
         higher_is_better: direction used for "best" in tables.
         profiles: profiles the metric reproduces.
@@ -118,11 +119,8 @@ def register_unimplemented(name: str, *, higher_is_better: bool, reason: str) ->
 
 
 def get_metric(name: str) -> MetricSpec:
-    """Metric by case-insensitive name; unknown names list the valid ones."""
-    key = _LOOKUP.get(str(name).lower())
-    if key is None:
-        raise KeyError(f"unknown metric {name!r}; choose from {', '.join(_REGISTRY)}")
-    return _REGISTRY[key]
+    """Metric by case-insensitive name; unknown names raise ``bilevel.registry.UnknownNameError``."""
+    return lookup(_REGISTRY, "metric", _LOOKUP.get(str(name).lower(), name))
 
 
 def higher_is_better(name: str) -> bool:
@@ -131,14 +129,15 @@ def higher_is_better(name: str) -> bool:
 
 
 def list_metrics(profile: str | None = None, *, implemented_only: bool = True) -> list[str]:
-    """Canonical metric names, in registration (contracts.md) order.
+    """Canonical metric names in :data:`CANONICAL_ORDER` (a profile with its own order, e.g. ``mefb``, uses it).
 
     Args:
         profile: only metrics that support this profile.
         implemented_only: drop metrics that raise NotImplementedError.
     """
-    prof = get_profile(profile).name if profile is not None else None
-    order = {n: i for i, n in enumerate(CANONICAL_ORDER)}
+    prof = get_profile(profile) if profile is not None else None
+    order = {n: i for i, n in enumerate(prof.order if prof is not None and prof.order else CANONICAL_ORDER)}
+    prof = prof.name if prof is not None else None
     specs = sorted(_REGISTRY.values(), key=lambda s: order.get(s.name, len(order)))
     return [
         s.name

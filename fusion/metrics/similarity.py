@@ -53,7 +53,7 @@ def mse(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
 @register_metric(
     "PSNR",
     higher_is_better=True,
-    profiles=("reference", "vifb", "tang", "tang_legacy", "cddfuse"),
+    profiles=("reference", "vifb", "tang", "tang_legacy", "cddfuse", "mefb"),
     reference="Jagalingam & Hegde, Aquatic Procedia 4, 2015",
 )
 def psnr(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
@@ -61,10 +61,10 @@ def psnr(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
 
     ``reference``: 10·log10(255²/MSE). ``tang``: 20·log10(255/√MSE) with MSE on [0, 1] (= true PSNR +
     48.13 dB). ``cddfuse``: peak max(F). ``vifb``: per channel 20·log10(255/√r) with VIFB's r (see RMSE),
-    then averaged over channels.
+    then averaged over channels; ``mefb`` is the same code as ``vifb``.
     """
     f, xa, xb = prepare(profile, fused, a, b)
-    if profile == "vifb":
+    if profile in ("vifb", "mefb"):
         return channel_mean(20 * torch.log10(255.0 / torch.sqrt(_vifb_r(f, xa, xb))))
     m = _mse(f, xa, xb)
     if profile in ("tang", "tang_legacy"):

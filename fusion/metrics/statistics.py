@@ -11,14 +11,14 @@ from fusion.metrics.registry import register_metric
 
 __all__ = ["sd", "sf", "ag", "ei"]
 
-ALL = ("reference", "vifb", "tang", "tang_legacy", "cddfuse")
+ALL = ("reference", "vifb", "tang", "tang_legacy", "cddfuse", "mefb")
 
 
 @register_metric("SD", higher_is_better=True, profiles=ALL, reference="Rao, Meas. Sci. Technol. 8(4), 1997")
 def sd(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
     """Standard deviation √(mean (F − μ_F)²) (population), on 0–255 data.
 
-    ``vifb`` ("Variance") per RGB channel, averaged. ``tang_legacy`` reproduces uint8 saturation:
+    ``vifb``/``mefb`` ("Variance") per RGB channel, averaged. ``tang_legacy`` reproduces uint8 saturation:
     d = clip(round(F − μ), 0, 255), SD = √(Σ min(d², 255)/(MN)).
     """
     (f,) = prepare(profile, fused)
@@ -37,7 +37,8 @@ def sf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
 
     ``vifb`` reproduces its MATLAB loop over ``size(F)`` of an M×N×3 array: the channels are laid side by
     side as one M×3N image (the two seams contribute differences) and both sums are divided by M·3N; one
-    SF, not a channel mean. ``tang_legacy`` computes it on F/255.
+    SF, not a channel mean. ``mefb`` loops over the channels instead: per channel, both sums divided by
+    M·N, then the mean of the channel SFs. ``tang_legacy`` computes it on F/255.
     """
     (f,) = prepare(profile, fused)
     if profile == "vifb":
@@ -46,6 +47,11 @@ def sf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
         rf = (wide[..., :, 1:] - wide[..., :, :-1]).pow(2).sum(dim=(-2, -1)) / n
         cf = (wide[..., 1:, :] - wide[..., :-1, :]).pow(2).sum(dim=(-2, -1)) / n
         return torch.sqrt(rf + cf)
+    if profile == "mefb":
+        n = f.shape[-2] * f.shape[-1]
+        rf = (f[..., :, 1:] - f[..., :, :-1]).pow(2).sum(dim=(-2, -1)) / n
+        cf = (f[..., 1:, :] - f[..., :-1, :]).pow(2).sum(dim=(-2, -1)) / n
+        return channel_mean(torch.sqrt(rf + cf))
     if profile == "tang_legacy":
         f = f / 255.0
     rf = (f[..., :, 1:] - f[..., :, :-1]).pow(2).mean(dim=(-2, -1))
@@ -72,7 +78,7 @@ def _gradient(x: Tensor, dim: int) -> Tensor:
 def ag(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
     """Average gradient Σ √((Gx² + Gy²)/2) / ((M−1)(N−1)) with MATLAB ``gradient`` differences.
 
-    ``cddfuse`` divides by M·N (a plain mean); ``vifb`` averages the RGB channels.
+    ``cddfuse`` divides by M·N (a plain mean); ``vifb``/``mefb`` average the RGB channels.
     """
     (f,) = prepare(profile, fused)
     gx, gy = _gradient(f, -1), _gradient(f, -2)
@@ -85,7 +91,7 @@ def ag(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
 @register_metric(
     "EI",
     higher_is_better=True,
-    profiles=("reference", "vifb"),
+    profiles=("reference", "vifb", "mefb"),
     reference="Rajalingam & Priya, IJESI 2018 (VIFB convention)",
 )
 def ei(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:

@@ -1,4 +1,4 @@
-"""Structural and perceptual metrics: SSIM, MS-SSIM, VIF, Piella's Q0 / Qw / Qe, MEF-SSIM."""
+"""Structural and perceptual metrics: SSIM, MS-SSIM, VIF, VIFF, Piella's Q0 / Qw / Qe, MEF-SSIM."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from fusion.metrics._utils import (
 )
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
+from fusion.metrics.windowed import mef_ssim_mefb, qw_edge
 
-__all__ = ["ssim", "ms_ssim", "vif", "q0", "qw", "qe", "mef_ssim"]
+__all__ = ["ssim", "ms_ssim", "vif", "viff", "q0", "qw", "qe", "mef_ssim"]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -132,9 +133,12 @@ def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") 
     return channel_mean(_ms_ssim_single(xa, f) + _ms_ssim_single(xb, f))
 
 
-def _vif_terms(s1: Tensor, s2: Tensor, s12: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-scale numerator and denominator sums of VIF-P with vifp_mscale's stabilising rules."""
-    sigma_nsq, eps = 2.0, 1e-10
+def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel gain g and information maps log10(1 + g²σ_X²/(σ_v² + σ_n²)), log10(1 + σ_X²/σ_n²).
+
+    The VIF channel model F = g·X + V with vifp_mscale's stabilising rules.
+    """
+    eps = 1e-10
     s1, s2, s12 = torch.broadcast_tensors(s1, s2, s12)
     g = s12 / (s1 + eps)
     sv = s2 - g * s12
@@ -149,23 +153,20 @@ def _vif_terms(s1: Tensor, s2: Tensor, s12: Tensor) -> tuple[Tensor, Tensor]:
     sv = torch.where(neg, s2, sv)
     g = torch.where(neg, torch.zeros_like(g), g)
     sv = sv.clamp(min=eps)
-    num = torch.log10(1 + g * g * s1 / (sv + sigma_nsq)).sum(dim=(-2, -1))
-    den = torch.log10(1 + s1 / sigma_nsq).sum(dim=(-2, -1))
-    return num, den
+    return g, torch.log10(1 + g * g * s1 / (sv + sigma_nsq)), torch.log10(1 + s1 / sigma_nsq)
 
 
-def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False) -> Tensor:
-    """Σ_X VIF-P(X, F) (Sheikh & Bovik 2006, pixel domain, 4 scales), per (B, C).
+def _vif_scales(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False):
+    """Yield, per scale 1..4, the VIF statistics ([σ_X² per source], σ_F², [σ_XF per source]), per (B, C).
 
-    The statistics of F are computed once for all sources. Gaussian windows are applied in float64 by
-    FFT ('valid' region of a circular correlation), on data centred on 127.5 (variances are shift
-    invariant; the normalised windows keep the data centred across scales).
+    The statistics of F are computed once for all sources. Gaussian windows N_s = 2^(5−s)+1, σ = N_s/5 are
+    applied in float64 by FFT ('valid' region of a circular correlation), filter-and-decimate by 2 between
+    scales, on data centred on 127.5 (variances are shift invariant; the normalised windows keep the data
+    centred across scales).
     """
     centre = 0.0 if clip_products else CENTRE  # uint8 saturation (tang_legacy) needs raw values
     f = f.to(torch.float64) - centre
     xs = [x.to(torch.float64) - centre for x in sources]
-    num = [0.0] * len(xs)
-    den = [0.0] * len(xs)
     for scale in range(1, 5):
         n = 2 ** (5 - scale) + 1
         win = gaussian_1d(n, n / 5.0, device=f.device)
@@ -177,13 +178,23 @@ def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = Fa
         clip = (lambda t: t.clamp(max=255)) if clip_products and scale == 1 else (lambda t: t)
         mu_f = filt(f)
         s2 = (filt(clip(f * f)) - mu_f * mu_f).clamp(min=0)
-        for i, x in enumerate(xs):
+        s1s, s12s = [], []
+        for x in xs:
             mu_x = filt(x)
-            s1 = (filt(clip(x * x)) - mu_x * mu_x).clamp(min=0)
-            s12 = filt(clip(x * f)) - mu_x * mu_f
-            nu, de = _vif_terms(s1, s2, s12)
-            num[i] = num[i] + nu
-            den[i] = den[i] + de
+            s1s.append((filt(clip(x * x)) - mu_x * mu_x).clamp(min=0))
+            s12s.append(filt(clip(x * f)) - mu_x * mu_f)
+        yield s1s, s2, s12s
+
+
+def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False) -> Tensor:
+    """Σ_X VIF-P(X, F) (Sheikh & Bovik 2006, pixel domain, 4 scales, σ_n² = 2), per (B, C)."""
+    num = [0.0] * len(sources)
+    den = [0.0] * len(sources)
+    for s1s, s2, s12s in _vif_scales(f, sources, clip_products=clip_products):
+        for i, (s1, s12) in enumerate(zip(s1s, s12s)):
+            _, vid, vind = _vif_channel(s1, s2, s12, 2.0)
+            num[i] = num[i] + vid.sum(dim=(-2, -1))
+            den[i] = den[i] + vind.sum(dim=(-2, -1))
     return sum(nu / de for nu, de in zip(num, den))
 
 
@@ -206,6 +217,40 @@ def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     if min(f.shape[-2:]) < 65:  # four 'valid' scales: 17-tap, decimate, 9-tap, ... need ≥ 65 pixels
         raise ValueError(f"VIF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
     return channel_mean(_vif_sum(f, (xa, xb), clip_products=profile == "tang_legacy"))
+
+
+VIFF_SCALE_WEIGHTS = (1.0, 0.0, 0.15, 1.0)
+
+
+@register_metric(
+    "VIFF",
+    higher_is_better=True,
+    profiles=("reference", "mefb"),
+    reference="Han, Cai, Cao & Xu, Inf. Fusion 14(2), 2013",
+)
+def viff(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
+    """Visual information fidelity for fusion (VIFF), range ≈ 0–1; MEFB's column "VIF".
+
+    The VIF channel model of each source X against F (the 4 scales, windows and stabilising rules of
+    :func:`vif`) with visual noise σ_n² = 0.005·255²; at every pixel the source with the smaller gain g is
+    kept (B on ties), its VID = log10(1 + g²σ_X²/(σ_v² + σ_n²)) and VIND = log10(1 + σ_X²/σ_n²);
+    F_s = Σ(VID + C)/Σ(VIND + C) with C = 1e-7; VIFF = Σ_s p_s F_s, p = (1, 0, 0.15, 1)/2.15.
+    ``mefb``: per RGB channel (MEFB passes single channels, so its CIELAB branch never runs);
+    ``reference``: the profile's grey image.
+    """
+    f, xa, xb = prepare(profile, fused, a, b)
+    if min(f.shape[-2:]) < 65:
+        raise ValueError(f"VIFF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
+    sigma_nsq, c = 0.005 * 255 * 255, 1e-7
+    total = 0.0
+    for weight, ((s1a, s1b), s2, (s12a, s12b)) in zip(VIFF_SCALE_WEIGHTS, _vif_scales(f, (xa, xb))):
+        ga, vid_a, vind_a = _vif_channel(s1a, s2, s12a, sigma_nsq)
+        gb, vid_b, vind_b = _vif_channel(s1b, s2, s12b, sigma_nsq)
+        pick_a = ga < gb
+        vid = torch.where(pick_a, vid_a, vid_b)
+        vind = torch.where(pick_a, vind_a, vind_b)
+        total = total + weight * (vid + c).sum(dim=(-2, -1)) / (vind + c).sum(dim=(-2, -1))
+    return channel_mean(total / sum(VIFF_SCALE_WEIGHTS))
 
 
 def _uiqi_terms(x: Tensor, f: Tensor, size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
@@ -261,10 +306,19 @@ def q0(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
     return channel_mean(_piella(xa, xb, f, weighted=False))
 
 
-@register_metric("Qw", higher_is_better=True, profiles=("reference",), reference=_PIELLA_REF)
+@register_metric("Qw", higher_is_better=True, profiles=("reference", "mefb"), reference=_PIELLA_REF)
 def qw(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
-    """Piella's weighted fusion quality index: the Q sum weighted by c(w) = max(σ_A², σ_B²)/Σ max(σ_A², σ_B²)."""
+    """Piella's weighted fusion quality index: the Q sum weighted by c(w) = max(σ_A², σ_B²)/Σ max(σ_A², σ_B²).
+
+    ``reference``: UIQI on 8×8 windows of the images. ``mefb``: what MEFB's ``metricsQw`` computes — the
+    same weighted sum with Wang's SSIM (Gaussian 11/1.5) on Prewitt edge images only, per RGB channel
+    (see :func:`fusion.metrics.windowed.qw_edge`); needs sides ≥ 11.
+    """
     f, xa, xb = prepare(profile, fused, a, b)
+    if profile == "mefb":
+        if min(f.shape[-2:]) < 11:
+            raise ValueError(f"Qw (mefb) needs both image sides >= 11 pixels; got {tuple(f.shape[-2:])}")
+        return channel_mean(qw_edge(f, xa, xb))
     return channel_mean(_piella(xa, xb, f, weighted=True))
 
 
@@ -289,8 +343,8 @@ def qe(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
 @register_metric(
     "MEF_SSIM",
     higher_is_better=True,
-    profiles=("reference",),
-    reference="Ma, Zeng & Wang, IEEE TIP 24(11), 2015 (implemented in fusion.losses.mef_ssim)",
+    profiles=("reference", "mefb"),
+    reference="Ma, Zeng & Wang, IEEE TIP 24(11), 2015 (reference: fusion.losses.mef_ssim)",
 )
 def mef_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Tensor:
     """MEF-SSIM of the fused image against the source pair, delegated to ``fusion.losses.mef_ssim``.
@@ -298,7 +352,13 @@ def mef_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference")
     The differentiable implementation lives with the losses (it is also a training objective); it is
     imported at call time so that the metrics package does not depend on the nets code. Inputs are the
     [0, 1] images; colour images are reduced to BT.601 luma first.
+
+    ``mefb`` is a different algorithm, not a reparametrisation of the loss: MEFB's ``mef_ms_ssim`` uses the
+    adaptive structure exponent p = tan(πR/2), box-window patch contrasts and ``rgb2gray`` uint8 images
+    (:func:`fusion.metrics.windowed.mef_ssim_mefb`).
     """
+    if profile == "mefb":
+        return mef_ssim_mefb(*prepare(profile, fused, a, b))
     try:
         from fusion.losses import mef_ssim as _mef_ssim  # noqa: PLC0415 (lazy: optional sibling module)
     except ImportError as err:  # pragma: no cover - depends on the nets part being present

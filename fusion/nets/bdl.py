@@ -1,8 +1,8 @@
 """BDL fusion net: the dilated residual dense network ("DRDB net") of Bi-level Dynamic Learning.
 
 Paper: Z. Liu et al., "Bi-level Dynamic Learning for Jointly Multi-modality Image Fusion and Beyond", IJCAI
-2023 (arXiv 2305.06720). Code: ``LiuZhu-CV/BDLFusion`` (``model/fcos_fusion.py``, MIT); the layer table is
-architectures.md §1.
+2023 (arXiv 2305.06720). Code: ``LiuZhu-CV/BDLFusion`` (``model/fcos_fusion.py``, MIT), whose layer table
+this follows; the method as implemented: ``docs/methods.md``.
 
 The net takes cat(ir, Y(vis)) and returns a fused luminance (``out_space = "y"``); the colour helper puts the
 visible chroma back. One ``nn.PReLU()`` (a single slope) is shared by every PReLU stage, as in the code, and
@@ -43,7 +43,7 @@ class DRDB(nn.Module):
 
 
 class BDLFusionNet(nn.Module):
-    """BDL's DRDB fusion net (architectures.md §1).
+    """BDL's DRDB fusion net (the released code's layers and widths).
 
     Args:
         features: width of the head and of the DRDB trunk (64).

@@ -1,11 +1,11 @@
 """MoE-Fusion: a mixture of local experts (foreground/background) and a mixture of global experts decoder.
 
 Paper: B. Cao, Y. Sun, P. Zhu, Q. Hu, "Multi-modal Gated Mixture of Local-to-Global Experts for Dynamic Image
-Fusion", ICCV 2023. Code: ``SunYM2020/MoE-Fusion`` (``MoELocal`` = MoLE, ``DecMoE`` = MoGE). Layer table:
-architectures.md §3. Gating: N. Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
-Mixture-of-Experts Layer", ICLR 2017.
+Fusion", ICCV 2023. Code: ``SunYM2020/MoE-Fusion`` (``MoELocal`` = MoLE, ``DecMoE`` = MoGE); the method as
+implemented: ``docs/methods.md``. Gating: N. Shazeer et al., "Outrageously Large Neural Networks: The
+Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017.
 
-Differences from the released code (all [design], architectures.md §3):
+Differences from the released code (deliberate design choices):
 
 - **Resolution-agnostic gates.** The original flattens a downsampled 640×480 map into one linear layer; here
   each gate sees global average pooling (``gate_pool="avgmax"`` adds global max pooling) → Linear(C, 4), so
@@ -73,17 +73,29 @@ class NoisyTopKGate(nn.Module):
         self.w_noise = nn.Parameter(torch.randn(in_features, num_experts) * init_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gate rows ``x`` (N, in_features) → (gates (N, E), balance loss CV²(importance) + CV²(load))."""
-        clean = x @ self.w_gate
+        """Gate rows ``x`` (N, in_features) → (gates (N, E), balance loss CV²(importance) + CV²(load)).
+
+        Routing runs with autocast off in at least float32 (float64 stays float64), whatever region the caller
+        is in: top-k over bf16 logits ties and flips experts, and the autocast policies disagree (CUDA returns
+        softmax in float32, CPU keeps bf16), so a gate computed under autocast mixes dtypes. Gates and the
+        balance loss come back in that dtype; a bf16 ``x`` still receives its gradient through the cast.
+        """
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x.to(dtype))
+
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        clean = x @ self.w_gate.to(x.dtype)
         noisy = self.training  # noise only while training; evaluation routes deterministically
         if noisy:
-            std = F.softplus(x @ self.w_noise) + self.noise_eps
+            std = F.softplus(x @ self.w_noise.to(x.dtype)) + self.noise_eps
             logits = clean + torch.randn_like(clean) * std
         else:
             logits = clean
         k = min(self.k, self.num_experts)
         top_logits, top_idx = logits.topk(min(k + 1, self.num_experts), dim=1)
-        gates = torch.zeros_like(logits).scatter(1, top_idx[:, :k], torch.softmax(top_logits[:, :k], dim=1))
+        probs = torch.softmax(top_logits[:, :k], dim=1)
+        gates = probs.new_zeros(logits.shape).scatter(1, top_idx[:, :k], probs)
         if self.threshold > 0:
             gates = gates * (gates > self.threshold)
         if noisy and k < self.num_experts:
@@ -120,14 +132,17 @@ def combine_experts(
 
     ``combine="logspace"`` gives log Σ_i g_i·exp(E_i(x_i)) (the released code's form).
     """
-    out = inputs[0].new_zeros(out_shape)
+    # accumulate in the wider of the gates' and the inputs' dtypes: under autocast the experts return bf16
+    # while the gates are float32, and index_add needs one dtype
+    out = inputs[0].new_zeros(out_shape, dtype=torch.promote_types(gates.dtype, inputs[0].dtype))
     for i, expert in enumerate(experts):
         idx = gates[:, i].nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
         y = expert(inputs[i].index_select(0, idx))
         y = y.exp() if combine == "logspace" else y
-        out = out.index_add(0, idx, gates.index_select(0, idx)[:, i].view(-1, *([1] * (y.dim() - 1))) * y)
+        g = gates.index_select(0, idx)[:, i].view(-1, *([1] * (y.dim() - 1)))
+        out = out.index_add(0, idx, (g * y).to(out.dtype))
     return out.clamp_min(torch.finfo(out.dtype).eps).log() if combine == "logspace" else out
 
 

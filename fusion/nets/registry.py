@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from bilevel.registry import lookup
+
 __all__ = ["register_fusion_net", "create_fusion_net", "list_fusion_nets", "fused_output", "build_net"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -54,11 +56,11 @@ def create_fusion_net(name: str, **kwargs: Any) -> nn.Module:
     ``None`` kwargs are dropped so unset CLI options leave the net's defaults alone.
 
     Raises:
-        KeyError: unknown ``name``; the message lists the registered ones.
+        bilevel.registry.UnknownNameError: unknown ``name`` (a ``KeyError`` and a ``ValueError``); the message
+            lists the registered ones.
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown fusion net {name!r}; available: {', '.join(list_fusion_nets())}")
-    net = _REGISTRY[name](**{k: v for k, v in kwargs.items() if v is not None})
+    factory = lookup(_REGISTRY, "fusion net", name)
+    net = factory(**{k: v for k, v in kwargs.items() if v is not None})
     net.name = name
     return net
 

@@ -1,7 +1,7 @@
 """TC-MoA: task-customized mixtures of adapters on a frozen ViT (MAE) backbone, for general image fusion.
 
 Paper: P. Zhu, Y. Sun, B. Cao, Q. Hu, "Task-Customized Mixture of Adapters for General Image Fusion", CVPR
-2024. Code: ``YangSun22/TC-MoA``. Layer table and code bugs not to repeat: architectures.md §4. Backbone: K.
+2024. Code: ``YangSun22/TC-MoA``; the implemented method and its deviations: ``docs/methods.md``. Backbone: K.
 He et al., "Masked Autoencoders Are Scalable Vision Learners" (MAE), CVPR 2022; windows: Z. Liu et al., "Swin
 Transformer", ICCV 2021.
 
@@ -22,26 +22,41 @@ mixture give prompts p_x, p_y = sigmoid(channel mean); h = p⊙f + S (learnable 
 parameters); f_TC = ConvFusion(h_x + h_y) (1×1, 3×3, 1×1, no bias); f′ = α·f_TC + (1 − α)·f with a learnable α
 (init 0.5); decoder modules optionally re-standardise f′ to f's per-sample mean and std.
 
-Runtime controls: ``forward(ir, vis, task="vif"|"mef"|"mff" or an index, bias_alpha=1.0, bias_beta=0.0)``. The
-intensity-bias control is the paper's Eq. 8 with μ = 0.5, p′_x = μ + α(p_x − μ) + β, p′_y = μ + α(p_y − μ) −
-β, applied in every module; passing another task's name swaps routers. For MEF/MFF pass the two images as
-``vis`` (x, decoded) and ``ir`` (y); either may have 1 or 3 channels.
+Runtime controls: ``forward(ir, vis, task="vif"|"mef"|"mff" or an index, bias_alpha=None, bias_beta=None)``.
+The intensity-bias control is the paper's Eq. 8 with μ = 0.5, p′_x = μ + α(p_x − μ) + β, p′_y = μ + α(p_y −
+μ) − β, applied to the prompts of every module (:func:`apply_intensity_bias`); α = 1, β = 0 is the identity.
+The net's ``bias_alpha``/``bias_beta`` attributes (constructor arguments, so a checkpoint keeps them) are the
+defaults, and the forward's arguments override them for one call. Passing another task's name swaps routers.
+For MEF/MFF pass the two images as ``vis`` (x, decoded) and ``ir`` (y); either may have 1 or 3 channels.
+
+Tiled inference: in eval mode an image is fused in overlapping tiles of at most ``tile_size`` pixels
+(default 448, the paper's training crop and inference window: 4×4 attention windows after the ×2 upsampling),
+so the position table is never stretched beyond the scale the net was trained at. Neighbouring tiles share at
+least ``tile_overlap`` pixels and are blended with weights that ramp down towards each tile's edges and are
+normalised to sum to one per pixel, so tiles that agree are reproduced to rounding (a constant stays that
+constant). ``tile_size=0`` fuses the whole image at once. Training (``net.train()``) never tiles: crops are
+the caller's choice.
 
 Backbone weights: the toolkit runs offline. ``backbone_ckpt=None`` gives a random backbone (with a warning);
-a local MAE checkpoint path is loaded *strictly* through :func:`mae_key_map` (MAE's cls token, mask token and
-position tables are dropped: positions are fixed sin-cos tables rebuilt here). ``freeze_backbone`` freezes the
-backbone module, not names matched in a checkpoint.
+a local MAE checkpoint path is loaded by name through :func:`mae_key_map` (MAE's cls token, mask token and
+position tables are dropped: positions are fixed sin-cos tables rebuilt here). Both the official full layout
+(encoder, decoder and pixel head, as TC-MoA uses) and encoder-only checkpoints load; missing and unexpected
+keys are reported (a warning, and :meth:`TCMoANet.load_backbone`'s return value), a shape mismatch is an
+error.
+``freeze_backbone`` freezes the backbone module, not names matched in a checkpoint.
 
 Outputs: ``{"fused": (B,3,H,W), "aux_losses": {"mir", "balance"}, "prompts": [per module dict]}``. ``mir`` is
 the mutual-information regularisation on the unbiased prompts (``mir="code"``: 0.75·MSE over encoder prompts +
 0.25·MSE over decoder prompts; ``"paper"``: mean |p_x + p_y − 1|); ``balance`` is ``balance_weight`` (1e-3) ×
 Σ_modules (CV²(importance) + CV²(load)) of the active routers (the code's division by epoch + 1 is left to the
-trainer).
+trainer). A tiled forward averages the auxiliary losses over the tiles and tags each prompt dict with its
+tile's ``(top, left)``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -58,7 +73,9 @@ __all__ = [
     "TCMoANet",
     "TCMoAModule",
     "apply_intensity_bias",
+    "blend_ramp",
     "moa_positions",
+    "tile_starts",
     "mae_key_map",
     "sincos_pos_embed",
     "tc_moa",
@@ -110,10 +127,15 @@ def apply_intensity_bias(
 def mae_key_map(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Map an MAE checkpoint's state dict onto :class:`MAEBackbone` keys.
 
-    Accepts ``{"model": state}`` wrappers, strips ``module.`` prefixes, and drops the keys this backbone
-    rebuilds itself (:data:`MAE_IGNORED_KEYS`). Every other key must match: the caller loads strictly.
+    Accepts ``{"model": state}`` (the official release) and ``{"state_dict": state}`` wrappers, strips
+    ``module.`` prefixes, and drops the keys this backbone rebuilds itself (:data:`MAE_IGNORED_KEYS`). Other
+    keys pass unchanged: MAE's names are the backbone's, so a key that does not match is reported by the
+    loader.
     """
-    state = state.get("model", state)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     out = {}
     for key, value in state.items():
         key = key.removeprefix("module.")
@@ -121,6 +143,23 @@ def mae_key_map(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         out[key] = value
     return out
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the fewest tiles of ``min(tile, length)`` pixels that cover ``[0, length)`` with at
+    least ``overlap`` pixels shared by neighbours, spread evenly (the first at 0, the last flush with the
+    end)."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_ramp(n: int, overlap: int) -> Tensor:
+    """1-D blending weights of a tile of ``n`` pixels: 1 inside, falling linearly over the ``overlap``
+    pixels next to each edge, never 0 (so every pixel of the image gets a positive total weight)."""
+    i = torch.arange(n, dtype=torch.float64)
+    return (torch.minimum(i + 1, n - i).clamp(max=overlap + 1) / (overlap + 1)).float()
 
 
 def _window_partition(x: Tensor, w: int) -> Tensor:
@@ -362,9 +401,13 @@ class TCMoANet(nn.Module):
         decoder_restandardize: re-standardise decoder modules' outputs (code 2025; not in the paper).
         mir: "code" (0.75/0.25 MSE, encoder/decoder) or "paper" (mean |p_x + p_y − 1|).
         balance_weight: coefficient of the routers' balance loss (1e-3).
-        backbone_ckpt: local MAE checkpoint path, or ``None`` for a random backbone (warns).
+        backbone_ckpt: local MAE checkpoint path (full or encoder-only), or ``None`` for a random backbone
+            (warns).
         freeze_backbone: freeze the backbone module (default; the paper trains only the TC-MoA parts and the
             relative-position tables).
+        bias_alpha, bias_beta: default α, β of the intensity-bias control (Eq. 8; 1, 0 = off).
+        tile_size: largest tile side (pixels) of tiled inference in eval mode (448); 0 = never tile.
+        tile_overlap: least overlap (pixels) of neighbouring tiles (112).
     """
 
     out_space = "rgb"
@@ -395,12 +438,22 @@ class TCMoANet(nn.Module):
         balance_weight: float = 1e-3,
         backbone_ckpt: str | None = None,
         freeze_backbone: bool = True,
+        bias_alpha: float = 1.0,
+        bias_beta: float = 0.0,
+        tile_size: int = 448,
+        tile_overlap: int = 112,
     ):
         super().__init__()
         if combine not in ("sum", "logspace"):
             raise ValueError(f"unknown combine {combine!r}; expected 'sum' or 'logspace'")
         if mir not in ("code", "paper"):
             raise ValueError(f"unknown mir {mir!r}; expected 'code' or 'paper'")
+        if tile_size < 0 or (tile_size and not 0 <= tile_overlap < tile_size):
+            raise ValueError(
+                f"need tile_size >= 0 and 0 <= tile_overlap < tile_size, got {tile_size}, {tile_overlap}"
+            )
+        self.bias_alpha, self.bias_beta = bias_alpha, bias_beta
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.patch_size, self.window_size, self.upsample = patch_size, window_size, upsample
         self.shift_windows, self.shift_mask, self.pos_grid = shift_windows, shift_mask, pos_grid
         self.tasks, self.mir, self.balance_weight = tuple(tasks), mir, balance_weight
@@ -444,17 +497,48 @@ class TCMoANet(nn.Module):
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 
-    def load_backbone(self, path: str | Path) -> None:
-        """Strictly load a local MAE checkpoint (``{"model": state}`` or a bare state dict) into the
-        backbone."""
+    def load_backbone(self, path: str | Path) -> nn.modules.module._IncompatibleKeys:
+        """Load a local MAE checkpoint (``{"model": state}``, ``{"state_dict": state}`` or a bare state dict)
+        into the backbone by name.
+
+        The official full layout (encoder, decoder, pixel head) fills the whole backbone; an encoder-only
+        checkpoint (MAE's pre-training release) leaves the decoder and pixel head at their initialisation.
+        Missing and unexpected keys are not errors (they are warned about, block indices collapsed to ``*``,
+        and returned as ``(missing_keys, unexpected_keys)``); a tensor whose shape differs from the
+        backbone's is: it means a checkpoint of another architecture.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: shape mismatches, all listed.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"backbone_ckpt {str(path)!r} does not exist (when rebuilding a saved net, "
                 f"pass backbone_ckpt=None: its weights come from the checkpoint's state dict)"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.backbone.load_state_dict(mae_key_map(state), strict=True)
+        state = mae_key_map(torch.load(path, map_location="cpu", weights_only=True))
+        own = self.backbone.state_dict()
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)}, backbone {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if mismatched:
+            raise ValueError(f"{path}: shapes differ from this backbone: " + "; ".join(mismatched))
+        result = self.backbone.load_state_dict(state, strict=False)
+
+        def collapse(keys: list[str]) -> str:
+            return ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", k) for k in keys}))
+
+        if result.missing_keys or result.unexpected_keys:
+            warnings.warn(
+                f"TC-MoA backbone from {path}: {len(result.missing_keys)} missing keys kept at their "
+                f"initialisation ({collapse(result.missing_keys) or '-'}); {len(result.unexpected_keys)} "
+                f"unexpected keys ignored ({collapse(result.unexpected_keys) or '-'})",
+                stacklevel=2,
+            )
+        return result
 
     def _task_index(self, task: str | int) -> int:
         if isinstance(task, int):
@@ -511,8 +595,8 @@ class TCMoANet(nn.Module):
         ir: Tensor,
         vis: Tensor,
         task: str | int = "vif",
-        bias_alpha: float | Tensor = 1.0,
-        bias_beta: float | Tensor = 0.0,
+        bias_alpha: float | Tensor | None = None,
+        bias_beta: float | Tensor | None = None,
     ) -> dict:
         """Fuse two images; see the module docstring for the controls.
 
@@ -520,7 +604,8 @@ class TCMoANet(nn.Module):
             ir: (B, 1|3, H, W), the y source (IR, or the second exposure/focus image).
             vis: (B, 1|3, H, W), the x source, decoded into the output.
             task: router to use ("vif", "mef", "mff", or an index).
-            bias_alpha, bias_beta: Eq. 8 prompt control (1, 0 = off).
+            bias_alpha, bias_beta: α, β of Eq. 8 for this call (floats or per-sample (B,) tensors); ``None``
+                uses the net's ``bias_alpha``/``bias_beta`` attributes.
 
         Returns:
             ``{"fused": (B, 3, H, W) unclipped RGB, "aux_losses": {"mir", "balance"}, "prompts": [...]}``.
@@ -530,6 +615,43 @@ class TCMoANet(nn.Module):
                 f"expected ir and vis (B, 1|3, H, W) of equal size, got {tuple(ir.shape)}, {tuple(vis.shape)}"
             )
         t = self._task_index(task)
+        alpha = self.bias_alpha if bias_alpha is None else bias_alpha
+        beta = self.bias_beta if bias_beta is None else bias_beta
+        if self.training or not self.tile_size:
+            return self._fuse(ir, vis, t, alpha, beta)
+        return self._fuse_tiled(ir, vis, t, alpha, beta)
+
+    def _fuse_tiled(
+        self, ir: Tensor, vis: Tensor, t: int, alpha: float | Tensor, beta: float | Tensor
+    ) -> dict:
+        """Fuse overlapping tiles (:func:`tile_starts`) and blend them with normalised :func:`blend_ramp`
+        weights; the auxiliary losses are the tiles' mean."""
+        h, w = vis.shape[-2:]
+        th, tw = min(self.tile_size, h), min(self.tile_size, w)
+        ov = self.tile_overlap
+        weight = (blend_ramp(th, ov)[:, None] * blend_ramp(tw, ov)[None, :]).to(vis.device)
+        fused = total = None
+        aux: dict[str, Tensor] = {}
+        prompts: list[dict] = []
+        tiles = [(y, x) for y in tile_starts(h, th, ov) for x in tile_starts(w, tw, ov)]
+        for top, left in tiles:
+            window = (..., slice(top, top + th), slice(left, left + tw))
+            out = self._fuse(ir[window], vis[window], t, alpha, beta)
+            if fused is None:
+                dtype = torch.promote_types(out["fused"].dtype, weight.dtype)
+                fused = out["fused"].new_zeros(*out["fused"].shape[:2], h, w, dtype=dtype)
+                total = weight.new_zeros(h, w)
+            fused[window] += out["fused"] * weight
+            total[window] += weight
+            for k, v in out["aux_losses"].items():
+                aux[k] = aux.get(k, 0) + v / len(tiles)
+            prompts += [{**q, "tile": (top, left)} for q in out["prompts"]]
+        return {"fused": fused / total, "aux_losses": aux, "prompts": prompts}
+
+    def _fuse(
+        self, ir: Tensor, vis: Tensor, t: int, bias_alpha: float | Tensor, bias_beta: float | Tensor
+    ) -> dict:
+        """The untiled forward on one (B, ·, H, W) pair, task index ``t``."""
         h, w = vis.shape[-2:]
         x = (as_rgb(vis) - self.pixel_mean) / self.pixel_std
         y = (as_rgb(ir) - self.pixel_mean) / self.pixel_std
@@ -637,6 +759,8 @@ def tc_moa_tiny(**kwargs) -> TCMoANet:
             window_size=4,
             pos_grid=8,
             tau=2,
+            tile_size=64,
+            tile_overlap=16,
         ),
         kwargs,
     )

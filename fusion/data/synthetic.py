@@ -29,7 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusion.datasets import IGNORE_INDEX, M3FD_CLASSES, MSRS_CLASSES, FusionDataset, Transform, register_dataset
+from fusion.data.base import FusionDataset
+from fusion.data.labels import IGNORE_INDEX, M3FD_CLASSES, MSRS_CLASSES
+from fusion.data.registry import register_dataset
+from fusion.data.transforms import Transform
 
 __all__ = ["SPLITS", "render_scene", "SyntheticScenes"]
 

@@ -1,0 +1,284 @@
+"""Everything a run trains and evaluates: data streams, the fusion net, the constraint tasks, their optimisers
+and the bi-level step, built from a resolved :class:`RunConfig` by :func:`build`.
+
+The fusion net's whole output reaches the step (:class:`bilevel.UpperOutput`): the fused image the constraints
+see and the net's auxiliary losses (mixture-of-experts balance terms), weighted as the fusion loss weighs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bilevel import BilevelStep, Constraint, UpperOutput
+from bilevel.aggregate import create_aggregator, list_aggregators
+from bilevel.estimators import check_hypergrad_options, list_hypergrads
+from bilevel.registry import UnknownNameError
+from experiments.checkpoint import FORMAT, load_checkpoint, rng_state, set_rng_state
+from experiments.config import ConfigError, RunConfig, to_dict
+from experiments.data import (DataSpec, Streams, check_held_out, check_labels, create_split, data_spec, is_generated,
+                              stream_seed)
+from experiments.distributed import broadcast_modules
+from experiments.fuse import fuse_batch
+from experiments.optim import make_optimizer, make_scheduler
+from fusion.colour import luminance, to_image
+from fusion.data import FusionDataset, list_datasets
+from fusion.losses import create_fusion_loss, list_fusion_losses
+from fusion.nets.registry import create_fusion_net, fused_output, list_fusion_nets
+from tasks.critic import CriticTask
+from tasks.det import DetTask
+from tasks.base import eval_mode
+from tasks.registry import create_task, list_tasks
+from tasks.seg import SegTask
+
+__all__ = ["Experiment", "build", "check_names", "resolve_device"]
+
+# Batch keys each kind of constraint needs, read from its class without building it.
+_NEEDS = {"critic": CriticTask.needs, "seg": SegTask.needs, "det": DetTask.needs}
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Fail before any work when a registry name or an estimator/aggregator option is unknown."""
+    checks = [("fusion net", "net.name", cfg.net.name, list_fusion_nets()),
+              ("fusion loss", "loss.name", cfg.loss.name, list_fusion_losses()),
+              ("hypergradient", "bilevel.hypergrad", cfg.bilevel.hypergrad, list_hypergrads()),
+              ("aggregator", "bilevel.aggregate", cfg.bilevel.aggregate, list_aggregators()),
+              ("dataset", "data.name", cfg.data.name, list_datasets())]
+    for k in cfg.constraints:
+        tcfg = getattr(cfg.tasks, k)
+        checks.append(("task", f"tasks.{k}.name", tcfg.name or k, list_tasks()))
+        if tcfg.data is not None:
+            checks.append(("dataset", f"tasks.{k}.data", tcfg.data, list_datasets()))
+    for what, key, value, valid in checks:
+        if value not in valid:
+            raise ConfigError(f"{UnknownNameError(what, value, valid)} ({key})")
+    try:
+        check_hypergrad_options(cfg.bilevel.hypergrad, cfg.bilevel.estimator_options(),
+                                provided=cfg.bilevel.filled_by_step())
+        create_aggregator(cfg.bilevel.aggregate, **aggregator_options(cfg, len(cfg.constraints)))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bilevel.{cfg.bilevel.hypergrad}/{cfg.bilevel.aggregate}: {err}") from None
+
+
+def aggregator_options(cfg: RunConfig, n_constraints: int) -> dict[str, Any]:
+    """The aggregator's options; an unset ``seed`` is the run seed, unset ``fixed`` weights are all ones."""
+    options = cfg.bilevel.aggregator_options()
+    if "seed" in cfg.bilevel.option_names(cfg.bilevel.aggregate):
+        options.setdefault("seed", cfg.train.seed)
+    if cfg.bilevel.aggregate == "fixed" and not options.get("weights"):
+        options["weights"] = [1.0] * (n_constraints + int(cfg.bilevel.fusion_row))
+    return options
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when available; ``cuda`` → this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but CUDA is not available; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Built nets, optimisers, the step and the data of one run (see :func:`build`)."""
+
+    cfg: RunConfig
+    device: torch.device
+    net: nn.Module
+    loss_fn: nn.Module
+    tasks: dict[str, nn.Module]
+    upper_optim: torch.optim.Optimizer
+    upper_sched: Any
+    lower_optims: dict[str, torch.optim.Optimizer]
+    lower_scheds: dict[str, Any]
+    streams: Streams
+    test_sets: dict[str, FusionDataset]       # "run" / constraint → test dataset
+    val_set: FusionDataset | None             # the run's UL split, for validation
+    specs: dict[str, DataSpec]                # "run" / constraint → its data
+    step: BilevelStep | None = None
+    world: int = 1
+    rank: int = 0
+    nonfinite_total: int = 0
+    best_val: float = math.inf
+
+    # -- the maps every level shares
+    def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> UpperOutput:
+        """Fusion net → image in the visible's mode, plus its weighted auxiliary losses. Unclamped while
+        training so the fusion loss and the constraints get gradients everywhere."""
+        raw, aux = fused_output(net(batch["ir"], batch["vis"]))
+        return UpperOutput(to_image(raw, self.net.out_space, batch["vis"], clamp=False),
+                           self.loss_fn.weigh_aux(aux))
+
+    def fusion_loss(self, z: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The fusion loss on the fused image (its luminance for one-channel nets: ``to_image`` inverts YCbCr
+        exactly and is unclamped here, so this equals the loss on the raw net output)."""
+        fused = luminance(z) if self.net.out_space in ("y", "grey") else z
+        return self.loss_fn(fused.float(), batch["ir"], batch["vis"])
+
+    def fuse(self, batch: Mapping[str, Any]) -> Tensor:
+        """The clamped fused image in float32, net in eval mode (evaluation, validation, panels)."""
+        with eval_mode(self.net):
+            return fuse_batch(self.net, batch["ir"], batch["vis"])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.amp != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def train_mode(self) -> None:
+        self.net.train()
+        for t in self.tasks.values():
+            t.train()
+
+    def lrs(self) -> dict[str, float]:
+        out = {"lr/upper": float(self.upper_optim.param_groups[0]["lr"])}
+        out.update({f"lr/{k}": float(o.param_groups[0]["lr"]) for k, o in self.lower_optims.items()})
+        return out
+
+    # -- checkpoints
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """A full checkpoint (plain types only, so ``weights_only=True`` loads it)."""
+        return {
+            "format": FORMAT,
+            "config": to_dict(self.cfg),
+            "net": {"name": self.net.name, "kwargs": dict(getattr(self.net, "config", {}))},
+            "model": self.net.state_dict(),
+            "lower": {k: {"model": t.state_dict(), "optim": self.lower_optims[k].state_dict(),
+                          "sched": self.lower_scheds[k].state_dict()} for k, t in self.tasks.items()},
+            "upper_optim": self.upper_optim.state_dict(),
+            "upper_sched": self.upper_sched.state_dict(),
+            "aggregator_state": self.step.state_dict() if self.step is not None else {},
+            "step": int(step),
+            "rng": rng_state(),
+            "extra": {"nonfinite_total": self.nonfinite_total,
+                      "best_val": None if math.isinf(self.best_val) else self.best_val},
+        }
+
+    def load_state_dict(self, ckpt: Mapping[str, Any], *, weights_only: bool = False) -> int:
+        """Restore a checkpoint strictly; returns the iteration to continue from."""
+        self.net.load_state_dict(ckpt["model"], strict=True)
+        lower = ckpt.get("lower", {})
+        for k, task in self.tasks.items():
+            if k in lower:
+                task.load_state_dict(lower[k]["model"], strict=True)
+            elif not weights_only:
+                raise ValueError(f"checkpoint has no state for constraint {k!r} (it holds {sorted(lower)})")
+        if weights_only:
+            return int(ckpt.get("step", 0))
+        for k in self.tasks:
+            self.lower_optims[k].load_state_dict(lower[k]["optim"])
+            self.lower_scheds[k].load_state_dict(lower[k]["sched"])
+        self.upper_optim.load_state_dict(ckpt["upper_optim"])
+        self.upper_sched.load_state_dict(ckpt["upper_sched"])
+        if self.step is not None and ckpt.get("aggregator_state"):
+            self.step.load_state_dict(ckpt["aggregator_state"])
+        extra = ckpt.get("extra", {})
+        self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+        self.best_val = math.inf if extra.get("best_val") is None else float(extra["best_val"])
+        set_rng_state(ckpt["rng"])
+        return int(ckpt["step"])
+
+
+def _task_kwargs(cfg: RunConfig, k: str, dataset: FusionDataset, spec: DataSpec) -> dict[str, Any]:
+    """The constraint's kwargs, completed from its data (class names, ignore index, detector input size)."""
+    kwargs = dict(getattr(cfg.tasks, k).kwargs)
+    if k == "seg" and dataset.class_names is not None:
+        kwargs.setdefault("class_names", list(dataset.class_names))
+        kwargs.setdefault("ignore_index", int(dataset.ignore_index))
+    if k == "det":
+        if dataset.det_class_names is not None:
+            kwargs.setdefault("class_names", list(dataset.det_class_names))
+        if is_generated(spec.name):   # no internal rescaling of the square scenes
+            kwargs.setdefault("min_size", cfg.data.crop)
+            kwargs.setdefault("max_size", cfg.data.crop)
+    return kwargs
+
+
+def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0, start_step: int = 0,
+          reduce: Callable[[Tensor], Tensor] | None = None, load_init: bool = True) -> Experiment:
+    """Datasets (labels checked first), fusion net, loss, constraint tasks, optimisers and the bi-level step.
+
+    ``load_init=False`` skips ``net.init`` (a resumed or evaluated checkpoint brings its own weights; the
+    warm-start path is provenance, not needed to rebuild the net).
+    """
+    check_names(cfg)
+    device = resolve_device(cfg.train.device, local_rank)
+
+    # ---- data first: a task whose data lacks labels fails here, before any net is built
+    specs = {"run": data_spec(cfg, None), **{k: data_spec(cfg, k) for k in cfg.constraints}}
+    cache: dict[tuple[str, str], FusionDataset] = {}
+
+    def dataset(spec: DataSpec, role: str) -> FusionDataset:
+        if (spec.key, role) not in cache:
+            cache[(spec.key, role)] = create_split(cfg, spec, role)
+        return cache[(spec.key, role)]
+
+    train_sets = {name: dataset(spec, "train") for name, spec in specs.items()}
+    for k in cfg.constraints:
+        check_labels(k, _NEEDS[k], train_sets[k], specs[k])
+
+    streams = Streams(cfg, rank, start_step, device)
+    upper_stream = streams.add(specs["run"], "train", cfg.train.batch, train_sets["run"])
+    ll_streams, ul_streams = {}, {}
+    for k in cfg.constraints:
+        tcfg = getattr(cfg.tasks, k)
+        ll_streams[k] = streams.add(specs[k], "train", tcfg.batch or cfg.train.batch, train_sets[k])
+        ul_streams[k] = streams.add(specs[k], "ul", tcfg.ul_batch or cfg.train.ul_batch, dataset(specs[k], "ul"))
+    test_sets = {name: dataset(spec, "test") for name, spec in specs.items()}
+    for name, spec in specs.items():
+        check_held_out(train_sets[name], test_sets[name], spec, cfg.data.holdout)
+    val_set = dataset(specs["run"], "ul") if cfg.eval.val_every else None
+
+    # ---- nets: initial weights depend on the seed only (not on what the data code drew), identical on every rank
+    torch.manual_seed(cfg.train.seed)
+    net = create_fusion_net(cfg.net.name, **cfg.net.kwargs).to(device)
+    if cfg.net.init and load_init:
+        init = load_checkpoint(cfg.net.init)
+        if init["net"]["name"] != cfg.net.name:
+            raise ConfigError(f"net.init {cfg.net.init} holds a {init['net']['name']!r} net, not {cfg.net.name!r}")
+        net.load_state_dict(init["model"], strict=True)
+    loss_fn = create_fusion_loss(cfg.loss.name, **cfg.loss.kwargs).to(device)
+    tasks = {}
+    for k in cfg.constraints:
+        torch.manual_seed(stream_seed(cfg.train.seed, f"init/{k}", 0))
+        tasks[k] = create_task(getattr(cfg.tasks, k).name or k,
+                               **_task_kwargs(cfg, k, train_sets[k], specs[k])).to(device)
+    broadcast_modules([net, *tasks.values()], world)
+
+    total = cfg.train.iters
+    upper_optim = make_optimizer(net.parameters(), cfg.train.upper_optim)
+    upper_sched = make_scheduler(upper_optim, cfg.train.upper_optim, total)
+    lower_optims = {k: make_optimizer(t.parameters(), getattr(cfg.tasks, k).optim) for k, t in tasks.items()}
+    lower_scheds = {k: make_scheduler(o, getattr(cfg.tasks, k).optim, total * getattr(cfg.tasks, k).lower_steps)
+                    for k, o in lower_optims.items()}
+
+    exp = Experiment(cfg=cfg, device=device, net=net, loss_fn=loss_fn, tasks=tasks, upper_optim=upper_optim,
+                     upper_sched=upper_sched, lower_optims=lower_optims, lower_scheds=lower_scheds,
+                     streams=streams, test_sets=test_sets, val_set=val_set, specs=specs, world=world, rank=rank)
+    constraints = [
+        Constraint(name=k, module=t, optimizer=lower_optims[k],
+                   lower_loss=(lambda z, b, t=t: t.lower_loss(z, b)["loss"]),
+                   upper_loss=(lambda z, b, t=t: t.upper_loss(z, b)["loss"]),
+                   scheduler=lower_scheds[k], lower_steps=getattr(cfg.tasks, k).lower_steps,
+                   ll_stream=ll_streams[k], ul_stream=ul_streams[k])
+        for k, t in tasks.items()]
+    exp.step = BilevelStep(
+        net, upper_optim, exp.forward, constraints,
+        upper_loss=(lambda z, b: exp.fusion_loss(z, b)["loss"]) if cfg.bilevel.fusion_row else None,
+        upper_stream=upper_stream,
+        hypergrad=cfg.bilevel.hypergrad, hypergrad_options=cfg.bilevel.estimator_options(),
+        aggregate=cfg.bilevel.aggregate, aggregate_options=aggregator_options(cfg, len(constraints)),
+        ul_every=cfg.bilevel.ul_every, path=cfg.bilevel.path,
+        amp_dtype=torch.bfloat16 if cfg.train.amp == "bf16" else None,
+        grad_clip=cfg.bilevel.grad_clip, reduce=reduce, upper_scheduler=upper_sched)
+    return exp
