@@ -1,4 +1,4 @@
-"""Benchmarks, measured side by side in one run: ``python experiments/bench.py {metrics,bilevel,nets} [...]``.
+"""Benchmarks, measured side by side in one run: ``python experiments/bench.py {metrics,bilevel,nets,train} [...]``.
 
 Each section lives in its own module (``experiments/bench_<section>.py``) with a ``main(argv)`` function,
 so sections can be run alone and added without touching the others. Speed targets live here, never in tests.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ("metrics", "bilevel", "nets")
+SECTIONS = ("metrics", "bilevel", "nets", "train")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,8 +20,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     section, rest = argv[0], argv[1:]
     if section not in SECTIONS:
-        raise SystemExit(f"unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
-    importlib.import_module(f"experiments.bench_{section}").main(rest)
+        raise SystemExit(f"error: unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
+    try:
+        module = importlib.import_module(f"experiments.bench_{section}")
+    except ModuleNotFoundError as err:   # the reference implementations are an extra
+        raise SystemExit(f"error: the {section} benchmark needs {err.name!r}: pip install -e '.[bench]'") from None
+    module.main(rest)
 
 
 if __name__ == "__main__":

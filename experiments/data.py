@@ -192,7 +192,7 @@ class Streams:
     def __init__(self, cfg: RunConfig, rank: int, start_step: int, device: torch.device):
         self.cfg, self.rank, self.start, self.device = cfg, rank, start_step, device
         self.datasets: dict[str, FusionDataset] = {}
-        self._loaders: dict[str, Iterator] = {}
+        self.loaders: dict[str, Iterator] = {}
         self._names: dict[str, str] = {}     # identity key → stream name
 
     def add(self, spec: DataSpec, role: str, batch_size: int, dataset: FusionDataset) -> str:
@@ -201,18 +201,18 @@ class Streams:
         if key in self._names:
             return self._names[key]
         name = f"{spec.name}/{role}/b{batch_size}"
-        if name in self._loaders:     # the same dataset name with other roots or kwargs
-            name = f"{name}#{sum(n.startswith(name) for n in self._loaders) + 1}"
+        if name in self.loaders:     # the same dataset name with other roots or kwargs
+            name = f"{name}#{sum(n.startswith(name) for n in self.loaders) + 1}"
         d = self.cfg.data
         crop = None if is_generated(spec.name) and (d.scene or 0) <= d.crop else d.crop
         loader = make_loader(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, key, self.rank),
                              num_workers=d.num_workers, crop=crop, hflip=True, start_step=self.start)
-        self._names[key], self._loaders[name], self.datasets[name] = name, iter(loader), dataset
+        self._names[key], self.loaders[name], self.datasets[name] = name, iter(loader), dataset
         return name
 
     def next(self) -> dict[str, dict[str, Any]]:
         """One batch of every stream, moved to the device, keyed by stream name."""
-        return {name: to_device(next(it), self.device) for name, it in self._loaders.items()}
+        return {name: to_device(next(it), self.device) for name, it in self.loaders.items()}
 
 
 def size_batches(dataset: FusionDataset, n: int, batch_size: int, *, fixed_aug: bool = False

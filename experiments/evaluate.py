@@ -4,14 +4,25 @@
         --fused ADF=../shared/data/vifb/fused/ADF CNN=../shared/data/vifb/fused/CNN \\
         --profile vifb --out outputs/eval_vifb
     python experiments/evaluate.py --ir IR --vi VI --fused-root FUSED_ROOT --metrics EN,SD,MI,SSIM --out OUT
+    python experiments/evaluate.py --pairs MEF_PAIRS --fused-root FUSED_ROOT --profile mefb --out OUT
 
-Files are matched by stem across the IR folder, the visible folder and every method folder; pairs that
-cannot be matched are reported (and listed in ``meta.json``). All methods' outputs of one source pair are
-stacked and evaluated as one batch. Writes (contracts.md "Metrics"): ``per_image.csv``
-(``image,method,<metric>...``), ``summary.csv`` (``method,n_images,<metric>...``, means over images),
-``meta.json`` (profile, metrics, directions, versions, unmatched files), ``table.md`` and ``table.tex``
-(mean per method, best per metric in bold by the metric's direction), and prints the markdown table.
-An existing non-empty ``--out`` is never overwritten.
+Files are matched by stem across the IR folder, the visible folder and every method folder. Source files
+without a partner, fused images without a source pair and pairs whose IR and visible sizes differ are left
+out and reported (stderr and ``meta.json``). All methods' outputs of one source pair are stacked and
+evaluated as one batch. Writes (contracts.md "Metrics"): ``per_image.csv`` (``image,method,<metric>...``),
+``summary.csv`` (``method,n_images,<metric>...``, means over images), ``meta.json`` (profile, metrics,
+directions, versions, unmatched files), ``table.md`` and ``table.tex`` (``n`` and the mean per method, best
+per metric in bold by the metric's direction), and prints the markdown table.
+
+Methods are only ranked on the same pairs: a method that lacks a fused image for any evaluated pair is an
+error (exit 2, naming the method and how many pairs it lacks), never a mean over fewer images bolded
+against full ones. Add the missing images, or leave those pairs out of ``--ir``/``--vi``.
+
+Everything is checked before the first metric is computed: ``--out`` (absent or an empty folder, writable;
+it is never overwritten), the folders, the method names (a duplicate ``--fused`` name, or one equal to a
+``--fused-root`` sub-folder, is an error), every image header and size (a fused image whose size differs
+from its sources is an error naming the file), and that at least one pair matches. A bad input exits with
+code 2 and one line ``error: ...`` on stderr, and nothing is written.
 """
 
 from __future__ import annotations
@@ -31,11 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.logging_utils import OutputError, check_writable, output_guard
+from experiments.tables import md_escape, tex_escape
+from fusion.image_io import ImagePairError
 from fusion.metrics import get_metric, get_profile, list_metrics
 from fusion.metrics.profiles import shared_preparation
 
-__all__ = ["EvaluationResult", "evaluate_folders", "evaluate_run", "latex_table", "main", "markdown_table",
-           "score_images", "summarise", "write_csv", "write_outputs"]
+__all__ = ["EvaluationResult", "evaluate_folders", "evaluate_run", "image_size", "latex_table", "main",
+           "markdown_table", "score_images", "summarise", "write_csv", "write_outputs"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -61,16 +75,52 @@ class EvaluationResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _index(folder: Path) -> dict[str, Path]:
+def _index(folder: Path, what: str) -> dict[str, Path]:
+    """``{stem: file}`` of the images directly in ``folder`` (the ``what`` folder, for messages)."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
     if not folder.is_dir():
-        raise FileNotFoundError(f"not a directory: {folder}")
+        raise ValueError(f"{what} folder {folder} is a file, not a folder")
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            if p.stem in files:
-                raise ValueError(f"two images with stem {p.stem!r} in {folder}: {files[p.stem].name}, {p.name}")
-            files[p.stem] = p
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith("."):
+            continue
+        if not p.is_file():
+            raise ValueError(f"{p} is a folder, not an image ({what} folder)")
+        if p.stem in files:
+            raise ValueError(f"two images with stem {p.stem!r} in {folder}: {files[p.stem].name}, {p.name}")
+        files[p.stem] = p
     return files
+
+
+def index_ab_pairs(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``({scene: A}, {scene: B})`` of a multi-exposure / multi-focus folder ``root/<scene>/<scene>_{A,B}.*``
+    (the MEFB / MFIFB input layout); a scene folder without both images is reported by the caller."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--pairs folder {root} does not exist or is not a folder")
+    a, b = {}, {}
+    for scene in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        files = _index(scene, f"pair ({scene.name})")
+        for side, index in (("A", a), ("B", b)):
+            if f"{scene.name}_{side}" in files:
+                index[scene.name] = files[f"{scene.name}_{side}"]
+    return a, b
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) from the file's header, without decoding it: checks every input before any work.
+
+    Raises:
+        ImagePairError: the file is not a readable image (empty, corrupt, too large for PIL's limit).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise ImagePairError(f"cannot read image {path}: {err}") from None
+    return h, w
 
 
 def _read(path: Path, device: torch.device) -> torch.Tensor:
@@ -94,10 +144,11 @@ def _resolve_metrics(metrics: Sequence[str] | str | None, profile: str) -> list[
 
 
 def evaluate_folders(
-    ir_dir: str | Path,
-    vi_dir: str | Path,
+    ir_dir: str | Path | None,
+    vi_dir: str | Path | None,
     fused: Mapping[str, str | Path],
     *,
+    pairs: str | Path | None = None,
     profile: str = "reference",
     metrics: Sequence[str] | str | None = None,
     device: str | torch.device = "cpu",
@@ -109,6 +160,8 @@ def evaluate_folders(
         ir_dir: folder of infrared images.
         vi_dir: folder of visible images (same stems).
         fused: ``{method name: folder of fused images}``.
+        pairs: instead of ``ir_dir``/``vi_dir``, a folder of A/B source pairs ``<scene>/<scene>_{A,B}.*``
+            (multi-exposure, multi-focus); fused images are named ``<scene>.*``. A plays the infrared role.
         profile: metric profile (``reference``, ``vifb``, ``tang``, ``tang_legacy``, ``cddfuse``).
         metrics: names (case-insensitive) or a comma-separated string; default: all metrics of the profile.
         device: where to compute.
@@ -122,44 +175,49 @@ def evaluate_folders(
     if not fused:
         raise ValueError("no fused-image folders given")
     device = torch.device(device)
-    ir, vi = _index(Path(ir_dir)), _index(Path(vi_dir))
-    methods = {m: _index(Path(d)) for m, d in fused.items()}
+    if pairs is not None:
+        ir, vi = index_ab_pairs(Path(pairs))
+    else:
+        ir, vi = _index(Path(ir_dir), "infrared"), _index(Path(vi_dir), "visible")
+    methods = {m: _index(Path(d), f"fused ({m})") for m, d in fused.items()}
     result = EvaluationResult(profile=profile, metrics=names)
     for stem in sorted(set(ir) - set(vi)):
         result.unmatched.append(f"{stem}: infrared image without a visible image")
     for stem in sorted(set(vi) - set(ir)):
         result.unmatched.append(f"{stem}: visible image without an infrared image")
-    stems = sorted(set(ir) & set(vi))
+    stems = []
+    for stem in sorted(set(ir) & set(vi)):
+        hw_ir, hw_vi = image_size(ir[stem]), image_size(vi[stem])
+        if hw_ir != hw_vi:
+            result.unmatched.append(f"{stem}: infrared {hw_ir} and visible {hw_vi} sizes differ")
+        else:
+            stems.append(stem)
+    if not stems:
+        raise ValueError(f"no pair to evaluate: no stem has an infrared image in {ir_dir} and a visible image "
+                         f"of the same size in {vi_dir} ({len(ir)} infrared, {len(vi)} visible image(s); "
+                         f"{len(result.unmatched)} left out)")
     for m, files in methods.items():
         for stem in sorted(set(files) - set(stems)):
             result.unmatched.append(f"{stem}: fused image of {m} without a source pair")
-        for stem in sorted(set(stems) - set(files)):
-            result.unmatched.append(f"{stem}: no fused image from {m}")
+        lacking = [stem for stem in stems if stem not in files]
+        if lacking:
+            raise ValueError(f"method {m!r} lacks {len(lacking)} of the {len(stems)} pairs (e.g. {lacking[0]!r} "
+                             f"in {fused[m]}); methods are only ranked on the same pairs: add the missing "
+                             "images or leave those pairs out")
+        for stem in stems:
+            hw, hw_src = image_size(files[stem]), image_size(ir[stem])
+            if hw != hw_src:
+                raise ValueError(f"fused image {files[stem]} of {m!r} is {hw} (H, W), its sources are {hw_src}")
 
     from tqdm import tqdm
 
     for stem in tqdm(stems, desc=f"evaluate ({profile})", unit="pair", disable=not progress):
-        present = [m for m in methods if stem in methods[m]]
-        if not present:
-            continue
         a, b = _read(ir[stem], device)[None], _read(vi[stem], device)[None]
-        if a.shape[-2:] != b.shape[-2:]:
-            result.unmatched.append(f"{stem}: infrared {tuple(a.shape[-2:])} and visible {tuple(b.shape[-2:])} sizes differ")
-            continue
-        images, kept = [], []
-        for m in present:
-            img = _read(methods[m][stem], device)
-            if img.shape[-2:] != a.shape[-2:]:
-                result.unmatched.append(f"{stem}: fused image of {m} is {tuple(img.shape[-2:])}, sources {tuple(a.shape[-2:])}")
-                continue
-            images.append(img)
-            kept.append(m)
-        if not kept:
-            continue
+        images = [_read(methods[m][stem], device) for m in methods]
         channels = max(x.shape[0] for x in images)
         batch = torch.stack([x.expand(channels, -1, -1) for x in images])
         values = score_images(batch, a, b, names, profile, result.failures)
-        for i, m in enumerate(kept):
+        for i, m in enumerate(methods):
             result.rows.append({"image": stem, "method": m, **{n: float(values[n][i]) for n in names}})
 
     result.summary = summarise(result.rows, list(methods), names)
@@ -219,34 +277,27 @@ def _arrow(name: str) -> str:
 
 
 def markdown_table(result: EvaluationResult, digits: int = 4) -> str:
-    """Mean per method; the best value of each metric (by its direction) in bold."""
+    """``n`` (images) and mean per method; the best value of each metric (by its direction) in bold."""
     best = _best(result)
-    head = "| Method | " + " | ".join(f"{n} {_arrow(n)}" for n in result.metrics) + " |"
-    lines = [head, "|---|" + "---:|" * len(result.metrics)]
+    head = "| Method | n | " + " | ".join(f"{n} {_arrow(n)}" for n in result.metrics) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(result.metrics)]
     for m, s in result.summary.items():
         cells = []
         for n in result.metrics:
             text = _fmt(s[n], digits)
             cells.append(f"**{text}**" if n in best and s[n] == best[n] else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(m)} | {s['n_images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _tex_escape(text: str) -> str:
-    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
-
-
 def latex_table(result: EvaluationResult, digits: int = 4) -> str:
-    """booktabs tabular of the means, best per metric in ``\\textbf``."""
+    """booktabs tabular of ``n`` and the means, best per metric in ``\\textbf``."""
     best = _best(result)
-    cols = "l" + "r" * len(result.metrics)
-    arrows = {True: "$\\uparrow$", False: "$\\downarrow$"}
-    head = " & ".join(
-        ["Method"] + [f"{_tex_escape(n)} {arrows[get_metric(n).higher_is_better]}" for n in result.metrics]
-    )
+    cols = "lr" + "r" * len(result.metrics)
+    head = " & ".join(["Method", "$n$"] + [tex_escape(f"{n} {_arrow(n)}") for n in result.metrics])
     lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", head + " \\\\", "\\midrule"]
     for m, s in result.summary.items():
-        cells = [_tex_escape(m)]
+        cells = [tex_escape(m), str(s["n_images"])]
         for n in result.metrics:
             text = _fmt(s[n], digits).replace("–", "--")
             cells.append(f"\\textbf{{{text}}}" if n in best and s[n] == best[n] else text)
@@ -276,16 +327,22 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> No
             w.writerow([repr(v) if isinstance(v, float) else v for v in row])
 
 
-def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapping | None = None) -> Path:
-    """Write the five files of contracts.md into ``out_dir`` (which must be absent or empty)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+def _check_out(out: Path) -> Path:
+    """``--out`` must be absent or an empty folder, and writable: checked before any metric is computed."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"refusing to overwrite the non-empty folder {out}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "per_image.csv", ["image", "method", *result.metrics],
-              [[r["image"], r["method"], *(r[n] for n in result.metrics)] for r in result.rows])
-    write_csv(out / "summary.csv", ["method", "n_images", *result.metrics],
-              [[m, s["n_images"], *(s[n] for n in result.metrics)] for m, s in result.summary.items()])
+    return check_writable(out)
+
+
+def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapping | None = None) -> Path:
+    """Write the five files of contracts.md into ``out_dir`` (which must be absent or empty).
+
+    A write failure (read-only, full) raises :class:`OutputError` and removes what this call wrote, so
+    the folder never holds a partial result.
+    """
+    out = _check_out(Path(out_dir))
     meta = {
         "profile": result.profile,
         "profile_description": get_profile(result.profile).description,
@@ -299,9 +356,30 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapp
         "versions": _versions(),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    (out / "table.md").write_text(markdown_table(result))
-    (out / "table.tex").write_text(latex_table(result))
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        with output_guard(out):
+            out.mkdir(parents=True, exist_ok=True)
+            for name, write in (
+                ("per_image.csv", lambda p: write_csv(p, ["image", "method", *result.metrics],
+                                                      [[r["image"], r["method"], *(r[n] for n in result.metrics)]
+                                                       for r in result.rows])),
+                ("summary.csv", lambda p: write_csv(p, ["method", "n_images", *result.metrics],
+                                                    [[m, s["n_images"], *(s[n] for n in result.metrics)]
+                                                     for m, s in result.summary.items()])),
+                ("meta.json", lambda p: p.write_text(json.dumps(meta, indent=2), encoding="utf-8")),
+                ("table.md", lambda p: p.write_text(markdown_table(result), encoding="utf-8")),
+                ("table.tex", lambda p: p.write_text(latex_table(result), encoding="utf-8")),
+            ):
+                written.append(out / name)
+                write(out / name)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return out
 
 
@@ -388,28 +466,45 @@ def evaluate_run(exp, run_dir: Path, method: str | None = None) -> dict[str, flo
 
 
 def _parse_fused(specs: Sequence[str], root: str | None) -> dict[str, Path]:
+    """``{method: folder}`` from ``--fused NAME=DIR ...`` and the sub-folders of ``--fused-root``.
+
+    Raises:
+        ValueError: a malformed or duplicate name (a method is never silently dropped), or no method.
+        FileNotFoundError: ``--fused-root`` does not exist.
+    """
     fused: dict[str, Path] = {}
     if root:
-        for d in sorted(Path(root).iterdir()):
+        root_dir = Path(root)
+        if not root_dir.is_dir():
+            raise (ValueError if root_dir.exists() else FileNotFoundError)(
+                f"--fused-root {root_dir} {'is not a folder' if root_dir.exists() else 'does not exist'}")
+        for d in sorted(root_dir.iterdir()):
             if d.is_dir():
                 fused[d.name] = d
     for spec in specs or []:
-        if "=" not in spec:
-            raise SystemExit(f"--fused expects NAME=DIR, got {spec!r}")
-        name, folder = spec.split("=", 1)
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--fused expects NAME=DIR, got {spec!r}")
+        if name in fused:
+            where = "given twice in --fused" if not (root and fused[name].parent == Path(root)) else \
+                f"also a sub-folder of --fused-root {root}"
+            raise ValueError(f"method name {name!r} is {where}; every method needs its own name")
         fused[name] = Path(folder)
     if not fused:
-        raise SystemExit("give --fused NAME=DIR ... and/or --fused-root DIR")
+        raise ValueError("no methods: give --fused NAME=DIR ... and/or --fused-root DIR (with sub-folders)")
     return fused
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ir", required=True, help="folder of infrared images")
-    p.add_argument("--vi", required=True, help="folder of visible images")
+    sources = p.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--ir", help="folder of infrared images (with --vi)")
+    sources.add_argument("--pairs", help="folder of A/B source pairs <scene>/<scene>_A.*, _B.* (MEF, MFF)")
+    p.add_argument("--vi", help="folder of visible images (with --ir)")
     p.add_argument("--fused", nargs="+", default=[], metavar="NAME=DIR", help="method name and its folder")
     p.add_argument("--fused-root", help="folder whose sub-folders are methods")
-    p.add_argument("--profile", default="reference", help="reference | vifb | tang | tang_legacy | cddfuse")
+    p.add_argument("--profile", default="reference",
+                   help="reference | vifb | mefb | tang | tang_legacy | cddfuse")
     p.add_argument("--metrics", default=None, help="comma-separated names (default: all of the profile)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output folder (must be absent or empty)")
@@ -418,20 +513,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command: exit 0, or 2 with one ``error:`` line and nothing written (see the module docstring)."""
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"refusing to overwrite the non-empty folder {out}; choose another --out")
-    fused = _parse_fused(args.fused, args.fused_root)
     try:
+        _check_out(out)
+        if (args.ir is None) != (args.vi is None):
+            raise ValueError("--ir and --vi go together (or give --pairs for A/B source pairs)")
+        fused = _parse_fused(args.fused, args.fused_root)
         result = evaluate_folders(
-            args.ir, args.vi, fused, profile=args.profile, metrics=args.metrics, device=args.device,
-            progress=not args.no_progress,
+            args.ir, args.vi, fused, pairs=args.pairs, profile=args.profile, metrics=args.metrics,
+            device=args.device, progress=not args.no_progress,
         )
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
-    inputs = {"ir": args.ir, "vi": args.vi, **{f"fused/{k}": v for k, v in fused.items()}}
-    write_outputs(result, out, inputs=inputs)
+        sources = {"pairs": args.pairs} if args.pairs else {"ir": args.ir, "vi": args.vi}
+        inputs = {**sources, **{f"fused/{k}": v for k, v in fused.items()}}
+        write_outputs(result, out, inputs=inputs)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OutputError) as err:
+        message = str(err.args[0]) if type(err) is KeyError and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     if result.unmatched:
         print(f"{len(result.unmatched)} unmatched file(s):", file=sys.stderr)
         for line in result.unmatched:

@@ -20,7 +20,7 @@ from bilevel import BilevelStep, Constraint, UpperOutput
 from bilevel.aggregate import create_aggregator, list_aggregators
 from bilevel.estimators import check_hypergrad_options, list_hypergrads
 from bilevel.registry import UnknownNameError
-from experiments.checkpoint import FORMAT, load_checkpoint, rng_state, set_rng_state
+from experiments.checkpoint import FORMAT, load_checkpoint, load_weights, rng_state, set_rng_state
 from experiments.config import ConfigError, RunConfig, to_dict
 from experiments.data import (DataSpec, Streams, check_held_out, check_labels, create_split, data_spec, is_generated,
                               stream_seed)
@@ -164,13 +164,15 @@ class Experiment:
                       "best_val": None if math.isinf(self.best_val) else self.best_val},
         }
 
-    def load_state_dict(self, ckpt: Mapping[str, Any], *, weights_only: bool = False) -> int:
-        """Restore a checkpoint strictly; returns the iteration to continue from."""
-        self.net.load_state_dict(ckpt["model"], strict=True)
+    def load_state_dict(self, ckpt: Mapping[str, Any], *, weights_only: bool = False, source: str = "checkpoint"
+                        ) -> int:
+        """Restore a checkpoint strictly; returns the iteration to continue from. A mismatch names the net,
+        ``source`` and the first mismatched keys."""
+        load_weights(self.net, ckpt["model"], f"{self.cfg.net.name} fusion net from {source}")
         lower = ckpt.get("lower", {})
         for k, task in self.tasks.items():
             if k in lower:
-                task.load_state_dict(lower[k]["model"], strict=True)
+                load_weights(task, lower[k]["model"], f"{k} constraint from {source}")
             elif not weights_only:
                 raise ValueError(f"checkpoint has no state for constraint {k!r} (it holds {sorted(lower)})")
         if weights_only:
@@ -246,7 +248,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
         init = load_checkpoint(cfg.net.init)
         if init["net"]["name"] != cfg.net.name:
             raise ConfigError(f"net.init {cfg.net.init} holds a {init['net']['name']!r} net, not {cfg.net.name!r}")
-        net.load_state_dict(init["model"], strict=True)
+        load_weights(net, init["model"], f"{cfg.net.name} net from net.init {cfg.net.init}")
     loss_fn = create_fusion_loss(cfg.loss.name, **cfg.loss.kwargs).to(device)
     tasks = {}
     for k in cfg.constraints:

@@ -6,9 +6,14 @@
 Pairs are matched by file stem (``fusion.image_io.match_pairs``). The net sees the IR image and the visible
 image as stored; a luminance output gets its colour back from the visible image (``fusion.colour.to_image``,
 exact BT.601 inverse, clamped to [0, 1]) and is saved as an 8-bit PNG ``<out>/<stem>.png`` (no hidden
-rescaling). Only new files are written: an output that already exists is an error before anything is fused.
-Any checkpoint of ``experiments/run.py`` works, full or stripped (``--strip`` writes a stripped copy).
-Score the results with ``experiments/evaluate.py``.
+rescaling). Only new files are written: an output that already exists is an error before anything is fused,
+unless ``--skip-existing`` is given, which fuses only the missing outputs. Each image is written to a
+temporary name and renamed into place, so an interrupted run (a crash, Ctrl-C, a bad pair in the middle
+of the folder) never leaves a half-written PNG: rerun the same command with ``--skip-existing`` to finish.
+Everything is checked before the first image is fused: the pairs, the checkpoint (it must load into its
+net), the ``--out`` folder (writable, not an input folder) and the ``--strip`` path. Bad input: exit code 2
+and one line ``error: ...`` on stderr. Any checkpoint of ``experiments/run.py`` works, full or stripped
+(``--strip`` writes a stripped copy). Score the results with ``experiments/evaluate.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
+from experiments.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    strip_checkpoint,
+)
+from experiments.evaluate import image_size
+from experiments.logging_utils import OutputError, check_writable, output_guard
 from fusion.colour import to_image
 from fusion.nets.registry import fused_output
 
@@ -29,12 +42,22 @@ __all__ = ["fuse_batch", "fuse_pair", "load_fusion_net", "main", "set_intensity_
 
 
 def load_fusion_net(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the fusion net of a checkpoint (``create_fusion_net(net.name, **net.kwargs)``), load strictly."""
+    """Rebuild the fusion net of a checkpoint (``create_fusion_net(net.name, **net.kwargs)``), load strictly.
+
+    Raises:
+        CheckpointError: unreadable file, no ``net`` entry, or weights that do not fit the net.
+    """
     from fusion.nets.registry import create_fusion_net
 
     ckpt = load_checkpoint(path, map_location="cpu")
-    net = create_fusion_net(ckpt["net"]["name"], **ckpt["net"]["kwargs"])
-    net.load_state_dict(ckpt["model"], strict=True)
+    spec = ckpt.get("net")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
+        raise CheckpointError(f"checkpoint {path} has no valid 'net' entry ({{'name': str, 'kwargs': dict}})")
+    try:
+        net = create_fusion_net(spec["name"], **spec["kwargs"])
+    except TypeError as err:    # kwargs the net does not take
+        raise CheckpointError(f"checkpoint {path}: net {spec['name']!r} cannot be built from its kwargs ({err})") from None
+    load_weights(net, ckpt["model"], f"checkpoint {path} (net {spec['name']!r})")
     return net.to(device).eval()
 
 
@@ -58,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ir", required=True, help="folder of infrared images")
     p.add_argument("--vi", required=True, help="folder of visible images (same stems)")
     p.add_argument("--out", required=True, help="output folder (created; existing files are never replaced)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="fuse only the pairs whose output is missing (finish an interrupted run)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--size-policy", default="error", choices=("error", "resize", "crop"),
                    help="what to do when the two images of a pair differ in size")
@@ -81,37 +106,66 @@ def set_intensity_bias(net: torch.nn.Module, alpha: float | None, beta: float | 
         net.bias_beta = beta
 
 
+def _check_out(out: Path, inputs: Sequence[str]) -> None:
+    """The output folder must be writable and none of the input folders (fused images would mix with them)."""
+    resolved = out.resolve()
+    for folder in inputs:
+        if Path(folder).resolve() == resolved:
+            raise ValueError(f"--out {out} is the input folder {folder}; choose another folder")
+    check_writable(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from fusion.image_io import ImagePairError, match_pairs, read_pair, save_image
 
     args = get_args_parser().parse_args(argv)
+    done = 0
     try:
         pairs = match_pairs(args.ir, args.vi)
         out = Path(args.out)
+        _check_out(out, (args.ir, args.vi))
         targets = [out / f"{stem}.png" for stem, _, _ in pairs]
+        blocked = [t for t in targets if t.exists() and not t.is_file()]
+        if blocked:
+            raise FileExistsError(f"{blocked[0]} is in the way of an output image (not a file)")
         clash = [t for t in targets if t.exists()]
-        if clash:
+        if clash and not args.skip_existing:
             raise FileExistsError(f"{len(clash)} output file(s) already exist, e.g. {clash[0]}; fused images "
-                                  "are never overwritten: choose a new --out folder")
-        if args.strip:
-            strip_to = Path(args.strip)
+                                  "are never overwritten: choose a new --out folder, or pass --skip-existing "
+                                  "to fuse only the missing ones")
+        todo = [(pair, t) for pair, t in zip(pairs, targets) if not t.exists()]
+        for (_, ir_path, vi_path), _ in todo:    # every header before the first fusion: no partial folder
+            if image_size(ir_path) != image_size(vi_path) and args.size_policy == "error":
+                raise ImagePairError(f"{ir_path} is {image_size(ir_path)} (H, W) but {vi_path} is "
+                                     f"{image_size(vi_path)}; pass --size-policy resize or crop")
+        strip_to = Path(args.strip) if args.strip else None
+        if strip_to is not None:
             if strip_to.exists():
                 raise FileExistsError(f"{strip_to} exists; choose a new path for --strip")
-            save_checkpoint(strip_to, strip_checkpoint(load_checkpoint(args.checkpoint)))
+            check_writable(strip_to.parent)
         net = load_fusion_net(args.checkpoint, args.device)
         set_intensity_bias(net, args.bias_alpha, args.bias_beta)
-        out.mkdir(parents=True, exist_ok=True)
+        if strip_to is not None:
+            save_checkpoint(strip_to, strip_checkpoint(load_checkpoint(args.checkpoint)))
+        with output_guard(out):
+            out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        for (stem, ir_path, vi_path), target in zip(pairs, targets):
+        for (stem, ir_path, vi_path), target in todo:
             ir, vis = read_pair(ir_path, vi_path, size_policy=args.size_policy)
             fused = fuse_pair(net, ir, vis)
-            save_image(fused, target)
+            with output_guard(out):
+                save_image(fused, target)     # temporary file + rename: never a half-written PNG
+            done += 1
             print(f"{stem}: {tuple(vis.shape[-2:])} -> {target}", flush=True)
-    except (ImagePairError, FileExistsError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ImagePairError, FileExistsError, FileNotFoundError, OutputError, ValueError, KeyError) as err:
+        message = str(err.args[0]) if type(err) is KeyError and err.args else str(err)
+        finish = (f" ({done} image(s) were written; fix this and rerun with --skip-existing to finish)"
+                  if done else "")
+        print(f"error: {message}{finish}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    print(f"fused {len(pairs)} pairs into {out} ({elapsed / max(len(pairs), 1):.2f} s/pair)")
+    skipped = f", {len(pairs) - len(todo)} already there" if len(todo) < len(pairs) else ""
+    print(f"fused {len(todo)} pairs into {out}{skipped} ({elapsed / max(len(todo), 1):.2f} s/pair)")
     return 0
 
 

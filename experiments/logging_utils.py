@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "resolve_wandb_mode",
     "image_panel",
     "output_guard",
+    "check_writable",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,33 @@ def _explain_oserror(err: OSError, path: Path | str) -> OutputError:
     elif err.errno == errno.ENOTDIR:
         why = "is not a directory (a file is in the way); choose another folder with --out"
     else:
-        why = f"cannot be written ({err.strerror})"
+        why = f"cannot be written ({err.strerror or err})"
     return OutputError(f"output path {path} {why}")
 
 
+# torch.save reports write failures as RuntimeError without an errno; these texts tell which one it was.
+_FULL_TEXTS = ("no space left", "disk quota", "file write failed")
+_READ_ONLY_TEXTS = ("read-only", "permission denied", "cannot be opened", "operation not permitted")
+
+
+def _explain_runtime_error(err: RuntimeError, path: Path | str) -> OutputError:
+    text = str(err).lower()
+    if any(t in text for t in _FULL_TEXTS):
+        code = errno.ENOSPC
+    elif any(t in text for t in _READ_ONLY_TEXTS):
+        code = errno.EACCES
+    else:
+        return OutputError(f"output path {path} cannot be written ({str(err).splitlines()[0] if str(err) else err!r})")
+    return _explain_oserror(OSError(code, os.strerror(code)), path)
+
+
 class output_guard:  # noqa: N801 - used as a context manager like contextlib helpers
-    """Turn OS errors while writing under ``path`` into one clear :class:`OutputError`."""
+    """Turn every write failure under ``path`` into one clear :class:`OutputError`.
+
+    Wrap only code that writes: OS errors (read-only, full, a file in the way) and the ``RuntimeError`` that
+    ``torch.save`` raises for the same causes both become an ``OutputError`` naming ``path``; a missing
+    input (``FileNotFoundError``) passes through.
+    """
 
     def __init__(self, path: Path | str):
         self.path = path
@@ -67,9 +90,37 @@ class output_guard:  # noqa: N801 - used as a context manager like contextlib he
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        if exc is None or isinstance(exc, OutputError):
+            return False
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise _explain_oserror(exc, self.path) from exc
+        if isinstance(exc, RuntimeError):
+            raise _explain_runtime_error(exc, self.path) from exc
         return False
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Check, before any work, that ``folder`` can be created (or is) a writable directory; create nothing.
+
+    The nearest existing ancestor must be a directory in which a file can be created (probed with an
+    anonymous temporary file, so the check also holds for root on a read-only file system).
+
+    Returns:
+        ``folder`` as a :class:`Path`.
+
+    Raises:
+        OutputError: ``folder`` or an ancestor is a file, or the location is read-only or full.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        blocker = "is a file, not a folder" if existing == folder else f"is inside the file {existing}"
+        raise OutputError(f"output path {folder} {blocker}; choose another folder with --out")
+    with output_guard(folder), tempfile.TemporaryFile(dir=existing):
+        pass
+    return folder
 
 
 def make_run_dir(out: str | Path, name: str, seed: int, now: _dt.datetime | None = None) -> Path:

@@ -11,8 +11,7 @@ per-constraint hypergradients, aggregation and one upper step every ``bilevel.ul
 loss is an extra upper row). ``--task`` picks the constraints: seg = critic + segmentation, det = critic +
 detection, critic, fusion (no constraint: single-level training), all = critic + seg + det.
 
-This module is the entry point only (parser, config resolution, ``main``); the parts live in
-``experiments/{data,optim,experiment,engine,distributed,evaluate}.py`` (docs/runner.md).
+The entry point only (parser, config, ``main``); the parts live in experiments/ (docs/runner.md).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from bilevel.registry import UnknownNameError
-from experiments.checkpoint import load_checkpoint, save_checkpoint
+from experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from experiments.config import (
     TASK_CHOICES,
     ConfigError,
@@ -124,9 +123,9 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
         if value is not None:
             flags.append(f"{key}={value!r}")
 
-    if args.task is not None and resume_config is None:
+    if args.task is not None:
         put("task", args.task)
-        if not args.preset:
+        if not args.preset and resume_config is None:
             put("name", args.task)
     if args.fusion_net is not None and args.fusion_net != cfg.net.name:
         flags.append("net.kwargs={}")      # the preset's kwargs belong to the preset's net
@@ -155,6 +154,32 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
 
 
+# What a resumed run may change: where data and outputs live, how it logs and evaluates, and how long it runs.
+# Everything else would be overwritten by the optimiser/scheduler states or change the run's meaning.
+RESUMABLE = ("train.iters", "train.epochs", "train.device", "train.threads", "train.ckpt_every",
+             "train.max_nonfinite", "train.deterministic", "data.root", "data.num_workers", "eval.", "log.",
+             "tasks.critic.data_root", "tasks.seg.data_root", "tasks.det.data_root")
+
+
+def check_resume_changes(saved: RunConfig, cfg: RunConfig) -> None:
+    """Refuse flags or ``--set`` values that contradict the checkpoint of a continued run (never ignore them)."""
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v and k != "kwargs"
+                       else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(to_dict(saved)), flat(to_dict(cfg))
+    changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE)]
+    if changed:
+        shown = ", ".join(f"{k}={new[k]!r} (checkpoint: {old.get(k)!r})" for k in changed[:4])
+        raise ConfigError(f"--resume continues the checkpoint's run, but {shown}"
+                          f"{' …' if len(changed) > 4 else ''} differ from it. Only {', '.join(RESUMABLE)} may "
+                          "change on resume; start a new run from its weights instead: --set net.init=PATH")
+
+
 @dataclass
 class RunResult:
     """What :func:`main` returns (the CLI only prints the run directory)."""
@@ -166,11 +191,16 @@ class RunResult:
 
 
 def _copy_history(ckpt_path: Path, run_dir: Path, step: int) -> None:
-    """A resumed run starts its metrics.csv with the previous run's rows up to the checkpoint step."""
+    """A resumed run starts with the previous run's metrics.csv rows up to the checkpoint step and its best.pt."""
     old = ckpt_path.resolve().parent.parent / "metrics.csv"
     if old.is_file():
         shutil.copyfile(old, run_dir / "metrics.csv")
         MetricsCSV(run_dir / "metrics.csv").truncate_after(step)
+    best = ckpt_path.resolve().parent / "best.pt"       # the best so far stays best until beaten
+    if best.is_file() and best.resolve() != ckpt_path.resolve():
+        with output_guard(run_dir):
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best, run_dir / "checkpoints" / "best.pt")
 
 
 def _open_run_dir(cfg: RunConfig, args: argparse.Namespace, exp: Experiment, start: int):
@@ -198,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
         raise ConfigError(f"{args.resume} is an inference-only checkpoint (no optimiser state): evaluate it with "
                           "--eval-only, or start a new run from its weights with --set net.init=PATH")
     cfg = resolve_config(args, ckpt["config"] if ckpt is not None else None)
+    if ckpt is not None and not args.eval_only:
+        check_resume_changes(apply_dict(RunConfig(), dict(ckpt["config"])), cfg)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return RunResult(run_dir=None)
@@ -216,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     exp = build(cfg, rank=rank, world=world, local_rank=local_rank, start_step=start,
                 reduce=all_reduce_mean(world), load_init=ckpt is None)
     if ckpt is not None:
-        exp.load_state_dict(ckpt, weights_only=args.eval_only or "upper_optim" not in ckpt)
+        exp.load_state_dict(ckpt, weights_only=args.eval_only or "upper_optim" not in ckpt, source=args.resume)
 
     run_dir = csv = tracker = None
     if rank == 0:
@@ -256,7 +288,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         where = f"; resume with: python experiments/run.py --resume {err.checkpoint}" if err.checkpoint else ""
         print(f"interrupted after iteration {err.step}{where}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, OutputError, UnknownNameError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, OutputError, UnknownNameError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:

@@ -17,7 +17,9 @@ whatever the folders hold:
 
 ``--paper PRESET`` adds the published rows of ``experiments/paper_values/PRESET.csv`` (only the numbers the
 paper gives; missing cells are shown as "–"). Markdown goes to stdout (``--format tex`` for LaTeX);
-``--out DIR`` writes both ``tables.md`` and ``tables.tex``.
+``--out DIR`` writes both ``tables.md`` and ``tables.tex`` (an existing table is replaced only with
+``--overwrite``, and atomically). Method names are escaped in both formats (``|`` in markdown; all of
+``\\ & % $ # _ { } ~ ^`` in LaTeX). A bad input exits with code 2 and one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-__all__ = ["Source", "load_sources", "fusion_table", "rank_table", "seg_table", "det_table", "render", "main"]
+__all__ = ["Source", "load_sources", "fusion_table", "rank_table", "seg_table", "det_table", "render", "main",
+           "md_escape", "tex_escape"]
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper_values"
 LOWER_IS_BETTER = {"CE", "MSE", "RMSE", "Nabf", "Qcv"}    # contracts.md
@@ -58,9 +61,19 @@ def _float(cell: str | None) -> float:
         return math.nan
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+def _read_rows(path: Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The rows of a CSV; a file that is not UTF-8 CSV or lacks a ``required`` column names itself."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a readable CSV file ({err})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
+    return rows
 
 
 def load_sources(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Source]:
@@ -79,9 +92,10 @@ def load_sources(paths: Sequence[str | Path], labels: Sequence[str] | None = Non
         rows = _read_rows(summary)
         seg = det = None
         if (eval_dir / "seg_per_class.csv").is_file():
-            seg = {r["class"]: (_float(r["Acc"]), _float(r["IoU"])) for r in _read_rows(eval_dir / "seg_per_class.csv")}
+            seg = {r["class"]: (_float(r["Acc"]), _float(r["IoU"]))
+                   for r in _read_rows(eval_dir / "seg_per_class.csv", ("class", "Acc", "IoU"))}
         if (eval_dir / "det_per_class.csv").is_file():
-            det = {r["class"]: _float(r["AP50"]) for r in _read_rows(eval_dir / "det_per_class.csv")}
+            det = {r["class"]: _float(r["AP50"]) for r in _read_rows(eval_dir / "det_per_class.csv", ("class", "AP50"))}
         for row in rows:
             metrics = {k: _float(v) for k, v in row.items() if k not in ("method", "n_images")}
             sources.append(Source(row.get("method") or path.name, path, metrics,
@@ -254,37 +268,46 @@ def _md(table: Table) -> str:
             for j in range(span):
                 header.append(f"{label} {table.header[i + j]}".strip())
             i += span
-    lines = [f"**{table.caption}**", "", "| " + " | ".join(header) + " |",
+    lines = [f"**{table.caption}**", "", "| " + " | ".join(md_escape(h) for h in header) + " |",
              "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
-        lines.append("| " + " | ".join(f"**{t}**" if b else t for t, b in row) + " |")
+        lines.append("| " + " | ".join(f"**{md_escape(t)}**" if b else md_escape(t) for t, b in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _tex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                 ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$"), (DASH, "--")):
-        text = text.replace(a, b)
-    return text
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "↑": r"$\uparrow$", "↓": r"$\downarrow$", DASH: "--"}
+
+
+def tex_escape(text: str) -> str:
+    """``text`` as literal LaTeX: every special character (\\ & % $ # _ { } ~ ^) escaped in one pass, so a
+    method name can never break the tabular or inject a command."""
+    return "".join(_TEX_SPECIAL.get(c, c) for c in text)
+
+
+def md_escape(text: str) -> str:
+    """``text`` as one markdown table cell: a ``|`` would start a new column, a newline a new row."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _tex(table: Table) -> str:
     n = len(table.header)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex_escape(table.caption)}}}",
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(table.caption)}}}",
              r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{l{'c' * (n - 1)}}}", r"\toprule"]
     if table.groups:
         cells, rules, col = [], [], 1
         for label, span in table.groups:
-            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex_escape(label)}}}" if span > 1 else _tex_escape(label))
+            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{tex_escape(label)}}}" if span > 1 else tex_escape(label))
             if label:
                 rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
             col += span
         lines.append(" & ".join(cells) + r" \\")
         lines.append(" ".join(rules))
-    lines.append(" & ".join(_tex_escape(h) for h in table.header) + r" \\")
+    lines.append(" & ".join(tex_escape(h) for h in table.header) + r" \\")
     lines.append(r"\midrule")
     for row in table.rows:
-        lines.append(" & ".join(rf"\textbf{{{_tex_escape(t)}}}" if b else _tex_escape(t) for t, b in row) + r" \\")
+        lines.append(" & ".join(rf"\textbf{{{tex_escape(t)}}}" if b else tex_escape(t) for t, b in row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -315,35 +338,65 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also rank this method among the others (repeatable; comma-separated names allowed)")
     p.add_argument("--format", choices=("md", "tex"), default="md", help="what to print")
     p.add_argument("--out", help="also write tables.md and tables.tex into this folder")
+    p.add_argument("--overwrite", action="store_true", help="with --out: replace existing tables.md/tables.tex")
     return p
 
 
+def _check_out(out: Path, overwrite: bool) -> list[Path]:
+    """``tables.md``/``tables.tex`` under ``out``, checked before any work: never replaced without
+    ``--overwrite``, never a folder in their place, and the folder must be writable."""
+    from experiments.logging_utils import check_writable
+
+    targets = [out / "tables.md", out / "tables.tex"]
+    for t in targets:
+        if t.exists() and not t.is_file():
+            raise FileExistsError(f"{t} is a folder; choose another --out")
+        if t.exists() and not overwrite:
+            raise FileExistsError(f"{t} exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(out)
+    return targets
+
+
+def _write(targets: Sequence[Path], texts: Sequence[str]) -> None:
+    """Each file via a temporary name and ``os.replace``: an existing table is either kept or fully replaced."""
+    import os
+
+    from experiments.logging_utils import output_guard
+
+    with output_guard(targets[0].parent):
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, text in zip(targets, texts):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command: exit 0, or 2 with one ``error:`` line (bad folder, label, preset, --rank or --out)."""
+    from experiments.logging_utils import OutputError
+
     args = get_args_parser().parse_args(argv)
     try:
+        targets = _check_out(Path(args.out), args.overwrite) if args.out else []
         sources = load_sources(args.dirs, args.labels.split(",") if args.labels else None)
         for preset in args.paper:
             sources += paper_sources(preset)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    ranked = [name for spec in args.rank for name in spec.split(",") if name]
-    try:
+        ranked = [name for spec in args.rank for name in spec.split(",") if name]
         tables = build_tables(sources, args.metrics.split(",") if args.metrics else None,
                               args.seg_classes == "all", ranked)
-    except ValueError as err:
+        if not tables:
+            raise ValueError("no results to tabulate")
+        if targets:
+            _write(targets, [render(tables, "md"), render(tables, "tex")])
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not tables:
-        print("error: no results to tabulate", file=sys.stderr)
-        return 2
     print(render(tables, args.format), end="")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tables.md").write_text(render(tables, "md"), encoding="utf-8")
-        (out / "tables.tex").write_text(render(tables, "tex"), encoding="utf-8")
-        print(f"wrote {out / 'tables.md'} and {out / 'tables.tex'}", file=sys.stderr)
+    if targets:
+        print(f"wrote {targets[0]} and {targets[1]}", file=sys.stderr)
     return 0
 
 

@@ -30,8 +30,7 @@ def folders(tmp_path):
         _save(tmp_path / "vi" / f"{stem}.png", vi)
         grey = vi.mean(-1)
         _save(tmp_path / "fused" / "avg" / f"{stem}.png", (ir + grey) / 2)
-        if stem != "a3":  # "max" lacks a3
-            _save(tmp_path / "fused" / "max" / f"{stem}.png", np.maximum(ir, grey))
+        _save(tmp_path / "fused" / "max" / f"{stem}.png", np.maximum(ir, grey))
     _save(tmp_path / "ir" / "lonely.png", rng.integers(0, 256, (h, w)))  # no visible partner
     _save(tmp_path / "fused" / "avg" / "extra.png", rng.integers(0, 256, (h, w)))  # no sources
     return tmp_path
@@ -55,10 +54,10 @@ def test_evaluate_cli_end_to_end(folders, capsys):
     per_image = _read_csv(out / "per_image.csv")
     assert list(per_image[0]) == ["image", "method", "EN", "SD", "MI", "Qabf", "Qcv"]
     assert sorted((r["image"], r["method"]) for r in per_image) == [
-        ("a1", "avg"), ("a1", "max"), ("a2", "avg"), ("a2", "max"), ("a3", "avg")
+        ("a1", "avg"), ("a1", "max"), ("a2", "avg"), ("a2", "max"), ("a3", "avg"), ("a3", "max")
     ]
     summary = {r["method"]: r for r in _read_csv(out / "summary.csv")}
-    assert summary["avg"]["n_images"] == "3" and summary["max"]["n_images"] == "2"
+    assert summary["avg"]["n_images"] == "3" and summary["max"]["n_images"] == "3"
     mean_sd = np.mean([float(r["SD"]) for r in per_image if r["method"] == "avg"])
     assert float(summary["avg"]["SD"]) == pytest.approx(mean_sd)
     meta = json.loads((out / "meta.json").read_text())
@@ -66,7 +65,7 @@ def test_evaluate_cli_end_to_end(folders, capsys):
     assert meta["higher_is_better"]["Qcv"] is False
     assert "torch" in meta["versions"]
     unmatched = "\n".join(meta["unmatched"])
-    assert "lonely" in unmatched and "extra" in unmatched and "a3: no fused image from max" in unmatched
+    assert "lonely" in unmatched and "extra" in unmatched
     captured = capsys.readouterr()
     assert "| Method |" in captured.out and "lonely" in captured.err
     # the best value of each column is bold, by direction (Qcv: lower is better)
@@ -74,6 +73,9 @@ def test_evaluate_cli_end_to_end(folders, capsys):
     best_qcv = min(float(summary[m]["Qcv"]) for m in summary)
     assert f"**{best_qcv:.4f}**" in md or f"**{best_qcv:.1f}**" in md
     assert "\\textbf{" in (out / "table.tex").read_text()
+    # n per method in both tables
+    assert "| Method | n |" in md and "| avg | 3 |" in md and "| max | 3 |" in md
+    assert "avg & 3 &" in (out / "table.tex").read_text()
 
 
 def test_values_match_direct_computation(folders):
@@ -92,13 +94,14 @@ def test_values_match_direct_computation(folders):
         assert row[name] == pytest.approx(v.item(), rel=1e-6)
 
 
-def test_refuses_non_empty_out(folders):
+def test_refuses_non_empty_out(folders, capsys):
     out = folders / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(SystemExit, match="overwrite"):
-        ev.main(["--ir", str(folders / "ir"), "--vi", str(folders / "vi"),
-                 "--fused-root", str(folders / "fused"), "--out", str(out)])
+    assert ev.main(["--ir", str(folders / "ir"), "--vi", str(folders / "vi"),
+                    "--fused-root", str(folders / "fused"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "overwrite" in err[0] and str(out) in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
@@ -142,3 +145,25 @@ def test_evaluate_on_two_vifb_pairs(shared_data, tmp_path):
         g = golden[(r["image"], r["method"])]
         for name in ("EN", "SD", "MI", "Qabf", "SSIM", "Qcb"):
             assert last_digit_units(float(r[name]), float(g[column[name]])) <= 1, (r["image"], r["method"], name)
+
+
+def test_ab_pairs_layout_with_the_mefb_profile(shared_data, tmp_path) -> None:
+    """``--pairs`` reads MEFB's input layout ``<scene>/<scene>_{A,B}.*``; a fused image that is source A itself
+    scores NMI/Qncie in their ranges and shows up once per scene."""
+    import shutil
+
+    mef = shared_data("mef")
+    pairs, fused = tmp_path / "pairs", tmp_path / "fused" / "srcA"
+    fused.mkdir(parents=True)
+    for scene in ("Arno", "Balloons"):
+        shutil.copytree(mef / scene, pairs / scene)
+        a = next((mef / scene).glob(f"{scene}_A.*"))
+        shutil.copy(a, fused / f"{scene}{a.suffix}")
+    out = tmp_path / "out"
+    assert ev.main(["--pairs", str(pairs), "--fused-root", str(tmp_path / "fused"), "--profile", "mefb",
+                    "--metrics", "EN,NMI,Qncie,SD", "--out", str(out), "--no-progress"]) == 0
+    with open(out / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["image"] for r in rows) == ["Arno", "Balloons"]
+    for r in rows:
+        assert 0.0 < float(r["NMI"]) <= 2.0 and 0.0 <= float(r["Qncie"]) <= 1.0 and float(r["EN"]) > 0.0

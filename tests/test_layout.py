@@ -144,3 +144,15 @@ def test_no_sys_path_insert_outside_tests() -> None:
     offenders = [str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
                  if any(call in p.read_text(encoding="utf-8") for call in ("sys.path.insert", "sys.path.append"))]
     assert not offenders, f"sys.path edited in {offenders}"
+
+
+def test_console_scripts_point_at_callables() -> None:
+    """``pip install -e .`` puts the five commands on PATH; each must name an importable callable."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert set(scripts) == {"fusion-run", "fusion-fuse", "fusion-evaluate", "fusion-tables", "fusion-bench"}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name

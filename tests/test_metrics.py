@@ -15,12 +15,9 @@ import fusion.metrics as M
 from bilevel.registry import UnknownNameError
 from fusion.metrics import ProfileError, compute_metrics, get_metric, list_metrics
 
-CANONICAL = (
-    "EN SD SF AG EI MI NMI FMI FMI_pixel FMI_dct FMI_wavelet SCD CC PSNR MSE RMSE CE VIF VIFF Qabf Nabf SSIM "
-    "MS_SSIM Qcb Qcv Q0 Qw Qe Qy Qncie Qp Qc TE MEF_SSIM"
-).split()
+CANONICAL = ["EN", "SD", "SF", "AG", "EI", "MI", "NMI", "FMI", "FMI_pixel", "FMI_dct", "FMI_wavelet", "SCD", "CC", "PSNR", "MSE", "RMSE", "CE", "VIF", "VIFF", "Qabf", "Nabf", "SSIM", "MS_SSIM", "Qcb", "Qcv", "Q0", "Qw", "Qe", "Qy", "Qncie", "Qp", "Qc", "TE", "MEF_SSIM"]
 LOWER_IS_BETTER = {"CE", "MSE", "RMSE", "Nabf", "Qcv"}
-SYMMETRIC = "MI NMI SCD CC PSNR MSE RMSE CE VIF Qabf Nabf SSIM Qcb Qcv Q0 Qw Qe".split()
+SYMMETRIC = ["MI", "NMI", "SCD", "CC", "PSNR", "MSE", "RMSE", "CE", "VIF", "Qabf", "Nabf", "SSIM", "Qcb", "Qcv", "Q0", "Qw", "Qe"]
 
 
 def textured(h: int = 72, w: int = 72, seed: int = 0, batch: int = 1, channels: int = 1) -> torch.Tensor:

@@ -71,7 +71,7 @@ def np_nmi(a, b, f):
 
 def np_qncie(a, b, f):
     a, b, f = np_normalize1(a), np_normalize1(b), np_normalize1(f)
-    ncc = lambda x, y: np_mi_terms(x, y)[0] / 8.0  # noqa: E731
+    ncc = lambda x, y: np_mi_terms(x, y)[0] / 8.0
     r = np.array([[1, ncc(a, b), ncc(a, f)], [ncc(a, b), 1, ncc(b, f)], [ncc(a, f), ncc(b, f), 1]])
     lam = np.linalg.eigvalsh(r) / 3
     return 1 + float(sum(v * math.log(v, 256) for v in lam if v > 0))
@@ -105,7 +105,7 @@ def np_gauss(n, sigma):
 def np_ssim_map(x, y, n, sigma, c1, c2, mode="valid"):
     """Wang's ssim_index with a Gaussian window via ``filter2`` (2-D correlation), returning the moments too."""
     w = np_gauss(n, sigma)
-    filt = lambda t: correlate2d(t, w, mode=mode)  # noqa: E731
+    filt = lambda t: correlate2d(t, w, mode=mode)
     mx, my = filt(x), filt(y)
     vx, vy, vxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
@@ -212,7 +212,7 @@ def np_viff(a, b, f):
             if scale > 1:
                 ref = correlate2d(ref, win, mode="valid")[::2, ::2]
                 dist = correlate2d(dist, win, mode="valid")[::2, ::2]
-            filt = lambda t: correlate2d(t, win, mode="valid")  # noqa: E731
+            filt = lambda t, w=win: correlate2d(t, w, mode="valid")
             mu1, mu2 = filt(ref), filt(dist)
             s1 = np.maximum(filt(ref * ref) - mu1 * mu1, 0)
             s2 = np.maximum(filt(dist * dist) - mu2 * mu2, 0)
@@ -281,8 +281,8 @@ def np_nfmi(a_sub, f_sub):
     idx = np.arange(1, 10)
     asd = math.sqrt(max((idx**2 * ap).sum() - (idx * ap).sum() ** 2, 0))
     fsd = math.sqrt(max((idx**2 * fp).sum() - (idx * fp).sum() ** 2, 0))
-    upper = lambda u, v: 0.5 * (u + v - abs(u - v))  # noqa: E731  (Fréchet upper bound, = min)
-    lower = lambda u, v: 0.5 * (u + v - 1 + abs(u + v - 1))  # noqa: E731  (Fréchet lower bound)
+    upper = lambda u, v: 0.5 * (u + v - abs(u - v))
+    lower = lambda u, v: 0.5 * (u + v - 1 + abs(u + v - 1))
     bound = upper if c >= 0 else lower
     if c == 0 or asd == 0 or fsd == 0:
         wt = 0.0
@@ -415,7 +415,7 @@ def test_fmi_hand_window():
 def np_phasecong(im):
     """Kovesi/Liu myphasecong3 in NumPy (default parameters), returning PC, M, m."""
     rows, cols = im.shape
-    rng = lambda n: (np.arange(n) - (n - 1) / 2) / (n - 1) if n % 2 else (np.arange(n) - n // 2) / n  # noqa: E731
+    rng = lambda n: (np.arange(n) - (n - 1) / 2) / (n - 1) if n % 2 else (np.arange(n) - n // 2) / n
     x, y = np.meshgrid(rng(cols), rng(rows))
     radius = np.sqrt(x**2 + y**2)
     radius[rows // 2, cols // 2] = 1

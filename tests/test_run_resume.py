@@ -73,3 +73,19 @@ def test_checkpoint_rng_states_roundtrip() -> None:
     set_rng_state(state)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--set", "train.upper_optim.lr=0.5"], "train.upper_optim.lr"),   # the optimiser state would overwrite it
+    (["--task", "critic"], "task"),
+    (["--hypergrad", "none"], "bilevel.hypergrad"),
+])
+def test_resume_refuses_changes_it_cannot_honour(tmp_path, flags, key) -> None:
+    first = run.main([*BASE, "--set", "train.iters=1", "--out", str(tmp_path / "a")])
+    ckpt = first.run_dir / "checkpoints" / "last.pt"
+    with pytest.raises(run.ConfigError, match=key):
+        run.main(["--resume", str(ckpt), "--wandb", "disabled", "--out", str(tmp_path / "b"), *flags])
+    assert not (tmp_path / "b").exists(), "nothing may be written before the config is accepted"
+    # what a resumed run may change is applied (a longer run, other outputs)
+    more = run.main(["--resume", str(ckpt), "--wandb", "disabled", "--out", str(tmp_path / "c"), "--iters", "2"])
+    assert more.steps == 2

@@ -11,7 +11,7 @@ from fusion.metrics._utils import channel_mean, sobel, window_dtype
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["qabf", "nabf"]
+__all__ = ["nabf", "qabf"]
 
 HALF_PI = math.pi / 2
 

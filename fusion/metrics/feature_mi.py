@@ -28,7 +28,7 @@ from fusion.metrics._utils import channel_mean, sobel
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["fmi", "fmi_pixel", "fmi_dct", "matlab_sobel_edges", "window_nfmi"]
+__all__ = ["fmi", "fmi_dct", "fmi_pixel", "matlab_sobel_edges", "window_nfmi"]
 
 MATLAB_EPS = 2.220446049250313e-16
 _REF = "Haghighat, Aghagolzadeh & Seyedarabi, Comput. Electr. Eng. 37(5), 2011; fast FMI: Haghighat & Razian, AICT 2014"

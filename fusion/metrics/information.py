@@ -21,7 +21,7 @@ from fusion.metrics._utils import (
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["en", "mi", "nmi", "ce", "qncie", "te"]
+__all__ = ["ce", "en", "mi", "nmi", "qncie", "te"]
 
 TSALLIS_Q = 1.85
 """Cvejic's order of the Tsallis entropy, as MEFB uses it."""

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fusion.metrics._utils import channel_mean, gaussian_1d, filter64
+from fusion.metrics._utils import channel_mean, filter64, gaussian_1d
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 

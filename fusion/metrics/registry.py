@@ -21,22 +21,19 @@ from fusion.metrics.profiles import ProfileError, get_profile, shared_preparatio
 
 __all__ = [
     "CANONICAL_ORDER",
+    "FusionMetric",
     "MetricSpec",
+    "compute_metrics",
+    "get_metric",
+    "higher_is_better",
+    "list_metrics",
     "register_metric",
     "register_unimplemented",
-    "get_metric",
-    "list_metrics",
-    "compute_metrics",
-    "higher_is_better",
-    "FusionMetric",
 ]
 
 MetricFn = Callable[..., Tensor]
 
-CANONICAL_ORDER = (
-    "EN SD SF AG EI MI NMI FMI FMI_pixel FMI_dct FMI_wavelet SCD CC PSNR MSE RMSE CE VIF VIFF Qabf Nabf SSIM "
-    "MS_SSIM Qcb Qcv Q0 Qw Qe Qy Qncie Qp Qc TE MEF_SSIM"
-).split()
+CANONICAL_ORDER = ["EN", "SD", "SF", "AG", "EI", "MI", "NMI", "FMI", "FMI_pixel", "FMI_dct", "FMI_wavelet", "SCD", "CC", "PSNR", "MSE", "RMSE", "CE", "VIF", "VIFF", "Qabf", "Nabf", "SSIM", "MS_SSIM", "Qcb", "Qcv", "Q0", "Qw", "Qe", "Qy", "Qncie", "Qp", "Qc", "TE", "MEF_SSIM"]
 """The canonical metric order, used by :func:`list_metrics` and the evaluation tables."""
 
 

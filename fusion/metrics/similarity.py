@@ -9,7 +9,7 @@ from fusion.metrics._utils import channel_mean, correlation
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["scd", "cc", "mse", "psnr", "rmse"]
+__all__ = ["cc", "mse", "psnr", "rmse", "scd"]
 
 GREY = ("reference", "tang", "tang_legacy", "cddfuse")
 

@@ -9,7 +9,7 @@ from fusion.metrics._utils import channel_mean, round_half_away, sobel
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["sd", "sf", "ag", "ei"]
+__all__ = ["ag", "ei", "sd", "sf"]
 
 ALL = ("reference", "vifb", "tang", "tang_legacy", "cddfuse", "mefb")
 

@@ -21,7 +21,7 @@ from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 from fusion.metrics.windowed import mef_ssim_mefb, qw_edge
 
-__all__ = ["ssim", "ms_ssim", "vif", "viff", "q0", "qw", "qe", "mef_ssim"]
+__all__ = ["mef_ssim", "ms_ssim", "q0", "qe", "qw", "ssim", "vif", "viff"]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -86,7 +86,7 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     if profile == "cddfuse":
         # C2 = 3.6e-3 is far below float32 round-off of window variances: float64 running sums
         c1, c2, cov, dtype = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
-        filt: Filter = lambda t: box_filter_valid(t, 7)  # noqa: E731
+        filt: Filter = lambda t: box_filter_valid(t, 7)
     else:
         c1, c2, cov, dtype = (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, window_dtype(f.device)
         filt = _gaussian(11, 1.5, f.device, dtype)
@@ -360,7 +360,7 @@ def mef_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference")
     if profile == "mefb":
         return mef_ssim_mefb(*prepare(profile, fused, a, b))
     try:
-        from fusion.losses import mef_ssim as _mef_ssim  # noqa: PLC0415 (lazy: optional sibling module)
+        from fusion.losses import mef_ssim as _mef_ssim
     except ImportError as err:  # pragma: no cover - depends on the nets part being present
         raise NotImplementedError("MEF_SSIM needs fusion.losses.mef_ssim, which is not available") from err
     f, xa, xb = prepare(profile, fused, a, b)

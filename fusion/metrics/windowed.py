@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.metrics._utils import box_filter_valid, channel_mean, gaussian_1d, filter64
+from fusion.metrics._utils import box_filter_valid, channel_mean, filter64, gaussian_1d, window_filter
 from fusion.metrics.profiles import matlab_rgb2gray, prepare
 from fusion.metrics.registry import register_metric
 
-__all__ = ["qc", "qy", "qw_edge", "mef_ssim_mefb", "ssim_maps"]
+__all__ = ["mef_ssim_mefb", "qc", "qw_edge", "qy", "ssim_maps"]
 
 MATLAB_EPS = 2.220446049250313e-16
 YANG_C = 2e-16
@@ -31,15 +31,19 @@ def _flat(x: Tensor, size: int) -> Tensor:
 
 
 def ssim_maps(
-    x: Tensor, y: Tensor, size: int, sigma: float, c1: float, c2: float
+    x: Tensor, y: Tensor, size: int, sigma: float, c1: float, c2: float, *, local_roundoff: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Wang's SSIM map of broadcastable (B, C, H, W) x, y with a Gaussian window, 'valid' (``filter2``).
 
-    Returns (ssim map, σ_x², σ_y², σ_xy); exactly flat windows get zero (co)variances.
+    Returns (ssim map, σ_x², σ_y², σ_xy); exactly flat windows get zero (co)variances. ``local_roundoff``
+    filters by direct convolution, whose round-off is local to each window as in MATLAB's ``filter2``
+    (needed where tiny constants make the map ill-conditioned, e.g. C = 2e-16); otherwise by FFT (faster,
+    round-off ~1e-16 of the image-wide scale).
     """
     x, y = torch.broadcast_tensors(x.to(torch.float64), y.to(torch.float64))
     win = gaussian_1d(size, sigma, device=x.device)
-    mx, my, xx, yy, xy = filter64(torch.cat([x, y, x * x, y * y, x * y], 1), win).chunk(5, 1)
+    filt = window_filter if local_roundoff else filter64
+    mx, my, xx, yy, xy = filt(torch.cat([x, y, x * x, y * y, x * y], 1), win).chunk(5, 1)
     fx, fy = _flat(x, size), _flat(y, size)
     zero = torch.zeros_like(mx)
     vx = torch.where(fx, zero, xx - mx * mx)
@@ -132,12 +136,12 @@ def qw_edge(f: Tensor, xa: Tensor, xb: Tensor) -> Tensor:
     """
     ea, eb, ef = _prewitt_magnitude(xa), _prewitt_magnitude(xb), _prewitt_magnitude(f)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    _, va, vb, _ = ssim_maps(ea, eb, 11, 1.5, c1, c2)
+    _, va, vb, _ = ssim_maps(ea, eb, 11, 1.5, c1, c2, local_roundoff=False)
     both_zero = (va + vb) == 0
     va, vb = va + 0.5 * both_zero, vb + 0.5 * both_zero
     lam = va / (va + vb)
-    sa = ssim_maps(ef, ea, 11, 1.5, c1, c2)[0]
-    sb = ssim_maps(ef, eb, 11, 1.5, c1, c2)[0]
+    sa = ssim_maps(ef, ea, 11, 1.5, c1, c2, local_roundoff=False)[0]
+    sb = ssim_maps(ef, eb, 11, 1.5, c1, c2, local_roundoff=False)[0]
     cw = torch.maximum(va, vb)
     cw, local = torch.broadcast_tensors(cw, lam * sa + (1 - lam) * sb)
     return (cw * local).sum(dim=(-2, -1)) / cw.sum(dim=(-2, -1))

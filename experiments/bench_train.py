@@ -1,0 +1,106 @@
+"""Runner iteration vs bare bi-level step, side by side: ``python experiments/bench.py train [--data-root DIR]``.
+
+For each preset (``synthetic_seg``, and ``bdl_roadscene_seg`` when ``--data-root`` points at RoadScene) at its
+own crop, batch and nets, one process times
+
+* the loader: ``Streams.next()`` alone (decode, crop, collate, copy to the device) → pairs/s, and per worker;
+* the bare step: ``BilevelStep.step`` on batches already on the device;
+* the runner: ``experiments.engine.train`` for the same number of iterations (data + step + logging).
+
+The ratio runner/bare is the data path's overhead (target: ≤ 1.1 on a GPU; on the 2-core CPU the data part
+≤ 10 % of an iteration). Warm-up iterations are excluded (``train.warmup_iters=0``): bi-level steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.config import apply_overrides
+from experiments.engine import train
+from experiments.experiment import build
+from experiments.logging_utils import MetricsCSV, Tracker
+from experiments.presets import get_preset
+
+__all__ = ["main", "measure"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(preset: str, iters: int, device: str, data_root: str | None = None) -> dict[str, float]:
+    """Times (seconds per iteration) of the loader, the bare step and the runner for ``preset``."""
+    cfg = get_preset(preset)
+    overrides = [f"train.iters={2 * iters + 1}", "train.warmup_iters=0", "eval.enabled=False",
+                 "eval.val_every=0", "log.image_every=0", "log.progress=False", "train.ckpt_every=0",
+                 f"train.device={device!r}", "log.wandb='disabled'"]
+    if data_root is not None:
+        overrides.append(f"data.root={data_root!r}")
+    cfg = apply_overrides(cfg, overrides)
+    exp = build(cfg)
+    dev = exp.device
+    pairs = sum(_stream_batches(exp))
+
+    start = time.perf_counter()
+    batches = [exp.streams.next() for _ in range(iters + 1)]
+    _sync(dev)
+    loader = (time.perf_counter() - start) / (iters + 1)
+
+    exp.train_mode()
+    exp.step.step(batches[0])                 # first call: allocations, autotuning
+    _sync(dev)
+    start = time.perf_counter()
+    for b in batches[1:]:
+        torch.manual_seed(0)
+        exp.step.step(b)
+    _sync(dev)
+    bare = (time.perf_counter() - start) / iters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        tracker = Tracker("disabled", run_dir, {}, cfg.log.project, "bench")
+        _sync(dev)
+        start = time.perf_counter()
+        train(exp, iters + 1, run_dir, MetricsCSV(run_dir / "metrics.csv"), tracker, progress=False)
+        _sync(dev)
+        runner = (time.perf_counter() - start) / iters
+    workers = max(1, cfg.data.num_workers)
+    return {"loader_s": loader, "bare_s": bare, "runner_s": runner, "pairs": pairs,
+            "pairs_per_s": pairs / loader, "pairs_per_s_per_worker": pairs / loader / workers,
+            "workers": cfg.data.num_workers}
+
+
+def _stream_batches(exp) -> list[int]:
+    """Pairs drawn per iteration by every stream."""
+    return [int(name.rsplit("/b", 1)[1].split("#")[0]) for name in exp.streams.datasets]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="experiments/bench.py train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", help="RoadScene folder: also time bdl_roadscene_seg at its preset size")
+    p.add_argument("--iters", type=int, default=4, help="timed iterations per preset (synthetic_seg)")
+    p.add_argument("--roadscene-iters", type=int, default=1, help="timed iterations of bdl_roadscene_seg")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    jobs = [("synthetic_seg", args.iters, None)]
+    if args.data_root:
+        jobs.append(("bdl_roadscene_seg", args.roadscene_iters, args.data_root))
+    rows = []
+    print("| preset | device | bare step ms | runner iteration ms | runner / bare | data share | "
+          "loader pairs/s | per worker |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for preset, iters, root in jobs:
+        r = measure(preset, iters, args.device, root)
+        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+        share = max(0.0, r["runner_s"] - r["bare_s"]) / r["runner_s"]
+        print(f"| {preset} | {device} | {1e3 * r['bare_s']:.1f} | {1e3 * r['runner_s']:.1f} | "
+              f"{r['runner_s'] / r['bare_s']:.2f} | {100 * share:.0f} % | {r['pairs_per_s']:.1f} | "
+              f"{r['pairs_per_s_per_worker']:.1f} ({r['workers']} workers) |", flush=True)
+        rows.append({"preset": preset, "device": device, **r})
+    return rows
