@@ -27,7 +27,7 @@ from experiments.logging_utils import MetricsCSV, Tracker, image_panel, output_g
 from fusion.data import RandomCropFlip
 from tasks.base import eval_mode
 
-__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "panel", "train", "validate"]
+__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "first_nonfinite", "panel", "train", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,16 @@ def panel(exp: Experiment) -> np.ndarray:
     return image_panel(batch["ir"][0], batch["vis"][0], fused[0], **kw)
 
 
+def first_nonfinite(exp: Experiment) -> str | None:
+    """The first net ("fusion" or a constraint) with a NaN/Inf parameter or buffer (BatchNorm running
+    statistics included), else None: losses can stay finite while a diverging level's state does not."""
+    for name, module in (("fusion", exp.net), *exp.tasks.items()):
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return name
+    return None
+
+
 def save_last(exp: Experiment, run_dir: Path | None, step: int) -> Path | None:
     """``checkpoints/last.pt`` on rank 0 (None elsewhere)."""
     if exp.rank != 0 or run_dir is None:
@@ -188,6 +198,14 @@ def train(exp: Experiment, start_step: int, run_dir: Path | None, csv: MetricsCS
                     exp.nonfinite_total += 1
                     log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d allowed)",
                                 step, exp.nonfinite_total, cfg.train.max_nonfinite)
+                diverged = first_nonfinite(exp)
+                if diverged is not None:
+                    level = "fusion net" if diverged == "fusion" else f"{diverged!r} constraint"
+                    key = "train.upper_optim.lr" if diverged == "fusion" else f"tasks.{diverged}.optim.lr"
+                    raise NonFiniteError(
+                        f"iteration {step}: the {level} has non-finite weights or running statistics (it "
+                        f"diverged); no checkpoint of this state is written. Lower {key} or set "
+                        "bilevel.grad_clip, and restart (or resume from an earlier last.pt).")
                 diag["train/nonfinite_total"] = float(exp.nonfinite_total)
                 avg.add({**diag, **exp.lrs()})
                 bar.update(1)

@@ -256,3 +256,12 @@ def test_output_folder_problems_get_clear_messages(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(Path, "mkdir", read_only)
     assert run.cli(["--smoke", "--task", "fusion", "--out", str(tmp_path / "ro")]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_lower_level_divergence_is_caught_through_its_buffers(tmp_path) -> None:
+    """A lower level whose lr explodes can keep finite losses while its weights / BatchNorm statistics turn
+    inf: the run must stop with NonFiniteError, not finish with a results table."""
+    with pytest.raises(run.NonFiniteError, match="critic"):
+        run.main(["--task", "critic", "--smoke", "--wandb", "disabled", "--out", str(tmp_path),
+                  "--set", "tasks.critic.optim.name=sgd", "--set", "tasks.critic.optim.lr=1e10",
+                  "--set", "train.iters=6", "--set", "log.image_every=0"])
