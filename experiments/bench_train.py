@@ -45,7 +45,7 @@ def measure(preset: str, iters: int, device: str, data_root: str | None = None) 
     cfg = apply_overrides(cfg, overrides)
     exp = build(cfg)
     dev = exp.device
-    pairs = sum(_stream_batches(exp))
+    pairs = sum(exp.streams.batch_sizes.values())     # pairs drawn per iteration by every stream
 
     start = time.perf_counter()
     batches = [exp.streams.next() for _ in range(iters + 1)]
@@ -74,11 +74,6 @@ def measure(preset: str, iters: int, device: str, data_root: str | None = None) 
     return {"loader_s": loader, "bare_s": bare, "runner_s": runner, "pairs": pairs,
             "pairs_per_s": pairs / loader, "pairs_per_s_per_worker": pairs / loader / workers,
             "workers": cfg.data.num_workers}
-
-
-def _stream_batches(exp) -> list[int]:
-    """Pairs drawn per iteration by every stream."""
-    return [int(name.rsplit("/b", 1)[1].split("#")[0]) for name in exp.streams.datasets]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -192,6 +192,7 @@ class Streams:
     def __init__(self, cfg: RunConfig, rank: int, start_step: int, device: torch.device):
         self.cfg, self.rank, self.start, self.device = cfg, rank, start_step, device
         self.datasets: dict[str, FusionDataset] = {}
+        self.batch_sizes: dict[str, int] = {}
         self.loaders: dict[str, Iterator] = {}
         self._names: dict[str, str] = {}     # identity key → stream name
 
@@ -208,6 +209,7 @@ class Streams:
         loader = make_loader(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, key, self.rank),
                              num_workers=d.num_workers, crop=crop, hflip=True, start_step=self.start)
         self._names[key], self.loaders[name], self.datasets[name] = name, iter(loader), dataset
+        self.batch_sizes[name] = batch_size
         return name
 
     def next(self) -> dict[str, dict[str, Any]]:
