@@ -3,9 +3,10 @@
 Every rule here is a *weighting*: it maps the Gramian M = G Gᵀ (K×K), the UL losses and a checkpointable
 ``state`` dict to K coefficients w, and the update is d = Σ_k w_k g_k (for PCGrad and CAGrad, w are the
 effective coefficients of the projected / corrected combination, which lies in the span of the rows). This is
-the torchjd split (``Weighting(gramian) → weights``, ``Aggregator(matrix) → vector``), and it lets the
-image-space path of :class:`bilevel.step.BilevelStep` reuse the same classes with image-space statistics:
-rules with ``uses_gramian = False`` read at most the diagonal of M (squared norms) and the losses.
+the torchjd split (``Weighting(gramian) → weights``, ``Aggregator(matrix) → vector``):
+:class:`bilevel.step.BilevelStep` builds the exact parameter-space rows on both of its paths and calls
+:meth:`Aggregator.weights` on their Gramian, so every rule gets the same inputs on either path. The column
+"reads" says which part of the inputs a rule looks at.
 
 =====================  ======================================================================  =============
 name                   weights                                                                 reads
@@ -133,12 +134,10 @@ class Aggregator:
 
     Attributes:
         name: registry name.
-        uses_gramian: True when the rule reads off-diagonal entries of M, i.e. needs parameter-space rows.
         needs_losses: True when ``losses`` is required.
     """
 
     name: str = ""
-    uses_gramian: bool = False
     needs_losses: bool = False
 
     def __repr__(self) -> str:
@@ -148,7 +147,7 @@ class Aggregator:
     def weights(
         self, gramian: Tensor, losses: Sequence[float] | Tensor | None = None, state: dict | None = None
     ) -> Tensor:
-        """K coefficients from the Gramian (only its diagonal unless ``uses_gramian``), losses and state."""
+        """K coefficients from the Gramian M = G Gᵀ of the K rows, the losses and the state."""
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] < 1:
             raise ValueError(
                 f"{self.name}: the Gramian must be a non-empty K×K matrix, got {tuple(gramian.shape)}"
@@ -403,7 +402,6 @@ class MGDA(Aggregator):
     """
 
     name = "mgda"
-    uses_gramian = True
 
     def __init__(self, normalize: str = "none", iters: int = 250, tol: float = 1e-6):
         if normalize not in ("none", "l2", "loss", "loss+"):
@@ -432,7 +430,6 @@ class PCGrad(Aggregator):
     """
 
     name = "pcgrad"
-    uses_gramian = True
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
@@ -461,7 +458,6 @@ class CAGrad(Aggregator):
     """
 
     name = "cagrad"
-    uses_gramian = True
 
     def __init__(self, c: float = 0.5, rescale: int = 1, iters: int = 500):
         if rescale not in (0, 1, 2):

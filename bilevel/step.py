@@ -17,7 +17,7 @@ aux), and a step with neither has no such row (the row count K may therefore dep
 One call of :meth:`BilevelStep.step` is one iteration t of the method (see ``docs/method.md``):
 
 1. Forward the upper net once per distinct LL stream (``no_grad``, unless an upper step follows on the image
-   path, where the graph is kept for the final vector–Jacobian product).
+   path, where the graph is kept for the rows' vector–Jacobian product).
 2. For each constraint k: ``lower_steps`` optimiser steps on f_k(sg z, LL batch). The fused image is detached,
    so LL backward passes never write into the upper parameters' ``.grad``.
 3. If (t + 1) mod ``ul_every`` = 0: each constraint's hypergradient on its UL batch by the chosen estimator,
@@ -30,27 +30,26 @@ standalone row alone (its plain gradient, no hypergradients, no aggregator) thro
 ``iteration``. Its forward order (upper stream with a graph first, then the LL streams in constraint order)
 and its ``upper_loss`` evaluated outside autocast reproduce the runner's former hand-written warm-up.
 
-Two ways to get the hypergradients (``path``):
+Two ways to get the hypergradients (``path``); both end with the same K exact parameter-space rows g_k, so
+every aggregator runs on either path with the same inputs (its weights read the rows' Gramian
+M_ij = ⟨g_i, g_j⟩, the losses and its state) and the update is Σ_k w_k g_k, written into ``.grad``:
 
 * ``"image"`` (default, fast). Every constraint sees the upper parameters x only through fused images z_s
   (one per distinct stream s), so each row is g_k = Σ_s J_sᵀ u_{k,s}, J_s = ∂z_s/∂x. The image-space
   gradients u_{k,s} come from running the estimator with the images as the upper variables
-  (``hypergrad(method, F̃_k, f̃_k, (z_UL, z_LL), y_k)``); only the constraint nets are differentiated. The
-  weights come from image-space statistics (‖u_k‖, losses), then ONE backward pass applies
-  Σ_s J_sᵀ(Σ_k w_k u_{k,s}) for all streams at once, together with w_fusion·Σ aux through the upper stream's
-  graph. Rules that need the parameter-space Gramian (``mgda``, ``pcgrad``, ``cagrad``) cannot run here;
-  asking for them switches to ``"param"`` with a warning. Diagnostics on this path: ``hypergrad/norm/<k>`` is
-  the image-space norm ‖u_k‖ — for the standalone row that is ‖∂upper_loss/∂value‖ only: the aux part has no
-  image-space gradient and is not in that statistic (an aux-only row has norm 0, so
-  ``gradnorm_softmax(unit=True)`` gives it weight 0) — and ``hypergrad/cos/<a>-<b>`` is reported only for
-  pairs whose rows live on the same streams. ``gradnorm_softmax`` therefore weighs by image-space norms, a
-  proxy for the parameter-space norms (same rule, different statistic).
-* ``"param"`` (exact rows). Each row is ``hypergrad(method, F_k, f_k, x, y_k)`` with the upper net called
-  functionally (``torch.func.functional_call``), one backward through the upper net per row and term; the
-  standalone row's re-forward returns the aux too. All aggregators; diagnostics are parameter-space norms and
-  cosines.
+  (``hypergrad(method, F̃_k, f̃_k, (z_UL, z_LL), y_k)``); only the constraint nets are differentiated. Then
+  one vector–Jacobian product per row maps u_k through the graphs of the streams it lives on (retained until
+  the last row); the standalone row's also carries 1 on Σ aux of the upper stream. The update Σ_k w_k g_k is
+  a combination of those rows: no further backward pass. Cost: one backward pass through the upper net per
+  row (K in all) and K rows of |x| floats.
+* ``"param"``. Each row is ``hypergrad(method, F_k, f_k, x, y_k)`` with the upper net called functionally
+  (``torch.func.functional_call``), one backward through the upper net per row and term; the standalone
+  row's re-forward returns the aux too. Slower (upper-net passes per row); an independent check of the
+  image path.
 
-For the same weights both paths give the same update (tested in float64).
+For the same inputs both paths give the same rows, weights, diagnostics and update (tested in float64 for
+every estimator and every aggregator). Diagnostics ``hypergrad/norm/<k>`` = ‖g_k‖ and
+``hypergrad/cos/<a>-<b>`` for every pair of rows are parameter-space statistics on both paths.
 
 Batch-norm and other running buffers: in :meth:`~BilevelStep.step` the upper net's buffers are updated only by
 the LL-stream forwards of step 1; every other forward (UL streams, the param path's re-forwards) and all
@@ -69,18 +68,15 @@ upper update (the LL steps of that iteration, whose losses were finite, stay) an
 
 DDP: pass the plain (unwrapped) modules and ``reduce`` = an all-reduce-mean. It is applied to (1) each
 constraint's LL gradients before its optimiser step, (2) the y-space vectors inside the estimators (see
-``bilevel.estimators``), (3) the per-row statistics used by the weights and the diagnostics (losses, aux
-values, squared norms, dot products), and (4) the final parameter gradient on the image path and in the
-warm-up — the image-space u's are per-sample and never reduced — or the stacked parameter-space rows on the
-param path (so Gramian rules see global rows). On the image path, ``gradnorm_softmax(unit=True)`` then scales
-by the rank-mean image norm.
+``bilevel.estimators``), (3) the UL losses and aux values, and (4) the stacked parameter-space rows of
+either path (so every rule sees the global rows; the image-space u's are per-sample and never reduced), or
+the warm-up's parameter gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,14 +150,17 @@ class _Bound(nn.Module):
 
 @dataclass
 class _Rows:
-    """Per-row statistics of one upper step, and a callable writing Σ_k w_k g_k into the upper ``.grad``."""
+    """The K parameter-space rows of one upper step (DDP-reduced), their losses and the row objectives' aux.
+
+    ``reached[i]`` is False for an upper parameter that no row depends on: it keeps ``.grad = None``, so the
+    optimiser skips it (no weight decay or momentum on, e.g., a router that this batch never used).
+    """
 
     names: list[str]
     losses: Tensor  # (K,) float64
-    sq_norms: Tensor  # (K,) squared norms (image space on the image path)
-    cos: dict[tuple[int, int], float]
-    gram: Tensor | None  # (K, K) parameter-space Gramian; None on the image path
-    apply: Callable[[Tensor], None]
+    rows: list[tuple[Tensor, ...]]
+    params: list[Tensor]
+    reached: list[bool]
     aux: dict[str, float]  # the standalone row's aux terms (reduced), for the diagnostics
 
 
@@ -253,7 +252,8 @@ class BilevelStep:
         aggregate: aggregator name (``bilevel.list_aggregators()``).
         aggregate_options: its options.
         ul_every: upper step when (iteration + 1) % ul_every == 0 (BDL: 10).
-        path: ``"image"`` (one VJP through the upper net) or ``"param"`` (exact parameter-space rows).
+        path: ``"image"`` (image-space estimators, then one VJP per row through the upper net) or ``"param"``
+            (estimators on the upper parameters); both give the exact rows and accept every aggregator.
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``) or None.
         grad_clip: max total norm of the upper gradient, or None.
         reduce: all-reduce-mean for DDP (see module docstring), or None.
@@ -307,11 +307,6 @@ class BilevelStep:
         lr_key = _LR_DEFAULTS.get(hypergrad)
         check_hypergrad_options(hypergrad, self.hypergrad_options, provided=[lr_key] if lr_key else [])
         self.aggregator = create_aggregator(aggregate, **(aggregate_options or {}))
-        if path == "image" and self.aggregator.uses_gramian:
-            warnings.warn(
-                f"aggregator {aggregate!r} needs parameter-space rows; using path='param'", stacklevel=2
-            )
-            path = "param"
         self._check_row_count(len(names), upper_loss is not None)
         self.upper, self.upper_optimizer, self.forward = upper, upper_optimizer, forward
         self.upper_loss, self.upper_scheduler, self.upper_stream = upper_loss, upper_scheduler, upper_stream
@@ -381,7 +376,7 @@ class BilevelStep:
         cache: dict[str, UpperOutput] = {}
         # Running stats move in the forwards below; a non-finite LL loss must leave them untouched too.
         buffers = _Buffers([self.upper, *(c.module for c in self.constraints)])
-        # On the image path the LL-stream graph is kept for the final VJP when the estimator uses ∇ₓf.
+        # On the image path the LL-stream graph is kept for the rows' VJP when the estimator uses ∇ₓf.
         with torch.set_grad_enabled(upper_step and self.path == "image" and USES_LOWER_X[self.method]):
             for c in self.constraints:
                 self._fused(cache, batches, self.streams[c.name][0])
@@ -553,7 +548,7 @@ class BilevelStep:
         for p in self.upper.parameters():
             p.grad = None
         modules = [c.module for c in self.constraints]
-        # Restored only after the final backward: copying into a buffer that a pending graph saved (BN running
+        # Restored only after the rows' VJP: copying into a buffer that a pending graph saved (BN running
         # stats) would trip autograd's version check.
         guard = _Buffers([self.upper, *modules])
         modes = [(m, m.training) for mod in modules for m in mod.modules()] if self.constraint_eval else []
@@ -572,21 +567,26 @@ class BilevelStep:
                 m.train(mode)
 
     def _apply(self, rows: _Rows, diag: dict[str, float]) -> bool:
+        """Statistics and weights from the rows' Gramian, then ``.grad`` = Σ_k w_k g_k and the update."""
+        gram = gramian(rows.rows).cpu()
         for i, name in enumerate(rows.names):
             diag[f"loss/upper/{name}"] = float(rows.losses[i])
-            diag[f"hypergrad/norm/{name}"] = math.sqrt(max(float(rows.sq_norms[i]), 0.0))
+            diag[f"hypergrad/norm/{name}"] = math.sqrt(max(float(gram[i, i]), 0.0))
         for name, v in rows.aux.items():
             diag[f"loss/aux/{name}"] = v
-        for (i, j), v in rows.cos.items():
-            diag[f"hypergrad/cos/{rows.names[i]}-{rows.names[j]}"] = v
-        if not (bool(torch.isfinite(rows.losses).all()) and bool(torch.isfinite(rows.sq_norms).all())):
+        for i in range(len(rows.names)):
+            for j in range(i + 1, len(rows.names)):
+                den = math.sqrt(max(float(gram[i, i]) * float(gram[j, j]), 0.0))
+                cos = float(gram[i, j]) / den if den > 0 else 0.0
+                diag[f"hypergrad/cos/{rows.names[i]}-{rows.names[j]}"] = cos
+        if not (bool(torch.isfinite(rows.losses).all()) and bool(torch.isfinite(gram).all())):
             return False
-        gram = torch.diag(rows.sq_norms) if rows.gram is None else rows.gram
         weights = self.aggregator.weights(gram, rows.losses, self.state)
         for i, name in enumerate(rows.names):
             diag[f"agg/weight/{name}"] = float(weights[i])
-        rows.apply(weights)
-        return self._update(diag, reduce_grads=self.path == "image")
+        for p, g, reached in zip(rows.params, combine(rows.rows, weights), rows.reached):
+            p.grad = g.to(p.dtype) if reached else None
+        return self._update(diag, reduce_grads=False)  # the rows were reduced already
 
     def _update(self, diag: dict[str, float], *, reduce_grads: bool) -> bool:
         """The upper optimiser step of :meth:`step` and :meth:`warmup` from the ``.grad`` already written:
@@ -612,12 +612,20 @@ class BilevelStep:
             self.upper_scheduler.step()
         return True
 
-    def _statistics(self, losses: Tensor, extra: Tensor) -> tuple[Tensor, Tensor]:
-        """Reduce (losses, statistics) together in one collective."""
-        if self.reduce is None:
-            return losses, extra
-        flat = self.reduce(torch.cat([losses.to(extra), extra.reshape(-1)]))
-        return flat[: losses.numel()], flat[losses.numel() :].view_as(extra)
+    def _rows(self, names: list[str], rows: list[tuple[Tensor, ...]], losses: list[Tensor],
+              aux: dict[str, Tensor], params: list[Tensor], reached: list[bool]) -> _Rows:
+        """Both paths end here: the stacked rows and the losses are DDP-reduced (global rows, so the Gramian
+        rules see the global batch), then packed. A parameter counts as reached if a row of any rank reaches
+        it, so every rank updates the same parameters."""
+        loss_t = _stack64(losses + list(aux.values()))
+        if self.reduce is not None:
+            flat = self.reduce(torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows]))
+            rows = [_split(flat[i], row) for i, row in enumerate(rows)]
+            loss_t = self.reduce(loss_t)
+            hit = self.reduce(torch.tensor(reached, dtype=flat.dtype, device=flat.device))
+            reached = (hit > 0).tolist()
+        k = len(rows)
+        return _Rows(names, loss_t[:k], rows, params, reached, dict(zip(aux, loss_t[k:].tolist())))
 
     def _image_rows(self, cache, batches) -> _Rows:
         u_rows: list[dict[str, Tensor]] = []
@@ -651,7 +659,7 @@ class BilevelStep:
             losses.append(record["loss"].detach())
         names = [c.name for c in self.constraints]
         aux: dict[str, Tensor] = {}
-        aux_sum: Tensor | None = None  # Σ aux with its graph, back-propagated with weight w_fusion
+        aux_sum: Tensor | None = None  # Σ aux with its graph: enters the standalone row's VJP
         if self._has_upper_row(cache, batches):
             out = self._fused(cache, batches, self.upper_stream)
             row: dict[str, Tensor] = {}
@@ -668,38 +676,41 @@ class BilevelStep:
             losses.append(_row_total(loss, aux))
             names.append(_ROW)
 
-        k = len(u_rows)
-        pairs = [(i, j) for i in range(k) for j in range(i + 1, k) if set(u_rows[i]) == set(u_rows[j])]
-        dots = [
-            sum((u_rows[i][b].double() * u_rows[j][b].double()).sum() for b in u_rows[i]) for i, j in pairs
-        ]
-        zero = torch.zeros((), dtype=torch.float64, device=losses[0].device)
-        sq = [sum((u.double().pow(2).sum() for u in row.values()), zero) for row in u_rows]
-        loss_t, stats = self._statistics(_stack64(losses + list(aux.values())), torch.stack(sq + dots))
-        sq_norms = stats[:k]
-        cos = {}
-        for (i, j), d in zip(pairs, stats[k:].tolist()):
-            den = math.sqrt(max(float(sq_norms[i]) * float(sq_norms[j]), 0.0))
-            cos[(i, j)] = d / den if den > 0 else 0.0
+        x = _trainable(self.upper)[1]
+        rows, reached = self._vjp_rows(cache, u_rows, aux_sum, x)
+        return self._rows(names, rows, losses, aux, x, reached)
 
-        def apply(weights: Tensor) -> None:
-            w = weights.tolist()
-            outputs, grads = [], []
-            for b in dict.fromkeys(b for row in u_rows for b in row):
+    def _vjp_rows(
+        self, cache: dict[str, UpperOutput], u_rows: list[dict[str, Tensor]], aux_sum: Tensor | None,
+        x: list[Tensor],
+    ) -> tuple[list[tuple[Tensor, ...]], list[bool]]:
+        """The exact parameter-space rows g_k = Σ_b J_bᵀ u_{k,b}; the last row also gets ∇ₓ Σ aux when
+        ``aux_sum`` is given (the standalone row).
+
+        One vector–Jacobian product per row over the retained graphs, each only through the streams the row
+        lives on. On the CPU this beat one vmap-batched product (``is_grads_batched=True``) on BDL's net
+        (about 20 % less time for K = 2), needs no batching rule for any operator, and holds one row's
+        intermediate gradients at a time. Returns the rows and, per parameter, whether any row reaches it.
+        """
+        rows: list[tuple[Tensor, ...]] = []
+        reached = [False] * len(x)
+        for i, row in enumerate(u_rows):
+            outputs, cotangents = [], []
+            for b, u in row.items():
                 z = cache[b].value
-                if not z.requires_grad:
-                    continue
-                acc = sum(w[i] * row[b] for i, row in enumerate(u_rows) if b in row)
-                outputs.append(z)
-                grads.append(acc.to(z.dtype))
-            if aux_sum is not None and aux_sum.requires_grad:
+                if z.requires_grad:
+                    outputs.append(z)
+                    cotangents.append(u.to(z.dtype))
+            if i == len(u_rows) - 1 and aux_sum is not None and aux_sum.requires_grad:
                 outputs.append(aux_sum)
-                grads.append(torch.full_like(aux_sum, w[-1]))
-            if outputs:
-                torch.autograd.backward(outputs, grads)
-
-        aux_diag = dict(zip(aux, loss_t[k:].tolist()))
-        return _Rows(names, loss_t[:k], sq_norms, cos, None, apply, aux_diag)
+                cotangents.append(torch.ones_like(aux_sum))
+            grads: Sequence[Tensor | None] = [None] * len(x)
+            if outputs and x:
+                last = i == len(u_rows) - 1
+                grads = torch.autograd.grad(outputs, x, cotangents, retain_graph=not last, allow_unused=True)
+            reached = [r or g is not None for r, g in zip(reached, grads)]
+            rows.append(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(x, grads)))
+        return rows, reached
 
     def _param_rows(self, cache, batches) -> _Rows:
         names, x = _trainable(self.upper)
@@ -743,23 +754,4 @@ class BilevelStep:
             losses.append(record["loss"].detach())
             aux = record["aux"]
             row_names.append(_ROW)
-        k = len(rows)
-        loss_t = _stack64(losses + list(aux.values()))
-        if self.reduce is not None:
-            flat = self.reduce(torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows]))
-            rows = [_split(flat[i], row) for i, row in enumerate(rows)]
-            loss_t = self.reduce(loss_t)
-        gram = gramian(rows)
-        sq_norms = gram.diagonal().clone()
-        cos = {}
-        for i in range(k):
-            for j in range(i + 1, k):
-                den = math.sqrt(max(float(gram[i, i]) * float(gram[j, j]), 0.0))
-                cos[(i, j)] = float(gram[i, j]) / den if den > 0 else 0.0
-
-        def apply(weights: Tensor) -> None:
-            for p, g in zip(x, combine(rows, weights)):
-                p.grad = g.to(p.dtype)
-
-        aux_diag = dict(zip(aux, loss_t[k:].tolist()))
-        return _Rows(row_names, loss_t[:k], sq_norms, cos, gram, apply, aux_diag)
+        return self._rows(row_names, rows, losses, aux, x, [True] * len(x))

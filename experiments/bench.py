@@ -1,4 +1,4 @@
-"""Benchmarks, measured side by side in one run: ``python experiments/bench.py {metrics,bilevel,nets,train} [...]``.
+"""Benchmarks, measured side by side in one run: ``python experiments/bench.py {metrics,bilevel,nets,train,infer} [...]``.
 
 Each section lives in its own module (``experiments/bench_<section>.py``) with a ``main(argv)`` function,
 so sections can be run alone and added without touching the others. Speed targets live here, never in tests.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ("metrics", "bilevel", "nets", "train")
+SECTIONS = ("metrics", "bilevel", "nets", "train", "infer")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,10 +70,10 @@ def measure(preset: str, iters: int, device: str, data_root: str | None = None) 
         train(exp, iters + 1, run_dir, MetricsCSV(run_dir / "metrics.csv"), tracker, progress=False)
         _sync(dev)
         runner = (time.perf_counter() - start) / iters
-    workers = max(1, cfg.data.num_workers)
+    workers = max(exp.streams.workers.values())
     return {"loader_s": loader, "bare_s": bare, "runner_s": runner, "pairs": pairs,
-            "pairs_per_s": pairs / loader, "pairs_per_s_per_worker": pairs / loader / workers,
-            "workers": cfg.data.num_workers}
+            "pairs_per_s": pairs / loader, "pairs_per_s_per_worker": pairs / loader / max(1, workers),
+            "workers": workers, "cached_mib": exp.streams.cached_bytes / 2**20}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -102,11 +102,16 @@ class DataConfig:
     test_size: int | None = None      # synthetic test scene side (None = scene); real data: full images
     holdout: int = 0                  # datasets without splits: every N-th pair → test, N-th+N//2 → ul (0 = off)
     kwargs: dict = field(default_factory=dict)   # extra keyword arguments of create_dataset
-    num_workers: int = 0
+    num_workers: int | None = None    # loader processes; None = none for data held in memory, else cores - 1 (≤ 8)
+    cache_gb: float = 8.0             # memory budget for decoding training streams once (0 = read from disk)
 
     def __post_init__(self) -> None:
         if self.crop < 8:
             raise ConfigError(f"data.crop={self.crop} is too small; use at least 8 px")
+        if self.num_workers is not None:
+            _at_least("data.num_workers", self.num_workers, 0)
+        if self.cache_gb < 0:
+            raise ConfigError(f"data.cache_gb={self.cache_gb} must be >= 0 (0 reads training data from disk)")
 
 
 @dataclass(frozen=True)
@@ -120,10 +125,21 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The fusion loss: a ``fusion.losses.create_fusion_loss`` preset name and its kwargs."""
+    """The fusion loss: a ``fusion.losses.create_fusion_loss`` preset name and its kwargs.
+
+    A ``tc_moa_*`` preset follows the data's fusion task (``tc_moa_vif``/``_mef``/``_mff``); ``kwargs`` belong to
+    the preset named here, the other tasks' presets keep their defaults. ``task_weights`` weighs each task's
+    loss in a multi-task run (``data.name="vifb+mef+mff"``; a task not listed weighs 1, the paper's sum).
+    """
 
     name: str = "bdl"
     kwargs: dict = field(default_factory=dict)
+    task_weights: dict = field(default_factory=dict)   # fusion task ("vif", "mef", "mff") → weight ≥ 0
+
+    def __post_init__(self) -> None:
+        for task, weight in self.task_weights.items():
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise ConfigError(f"loss.task_weights.{task}={weight!r} must be a number >= 0")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from experiments.logging_utils import MetricsCSV, Tracker, image_panel, output_g
 from fusion.data import RandomCropFlip
 from tasks.base import eval_mode
 
-__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "first_nonfinite", "panel", "train", "validate"]
+__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "check_finite", "first_nonfinite", "panel", "train", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,18 @@ def panel(exp: Experiment) -> np.ndarray:
     return image_panel(batch["ir"][0], batch["vis"][0], fused[0], **kw)
 
 
+def check_finite(exp: Experiment, step: int) -> None:
+    """Raise :class:`NonFiniteError` when a net's weights or running statistics are no longer finite."""
+    diverged = first_nonfinite(exp)
+    if diverged is not None:
+        level = "fusion net" if diverged == "fusion" else f"{diverged!r} constraint"
+        key = "train.upper_optim.lr" if diverged == "fusion" else f"tasks.{diverged}.optim.lr"
+        raise NonFiniteError(
+            f"iteration {step}: the {level} has non-finite weights or running statistics (it diverged); no "
+            f"checkpoint of this state is written. Lower {key} or set bilevel.grad_clip, and restart (or resume "
+            "from an earlier last.pt).")
+
+
 def first_nonfinite(exp: Experiment) -> str | None:
     """The first net ("fusion" or a constraint) with a NaN/Inf parameter or buffer (BatchNorm running
     statistics included), else None: losses can stay finite while a diverging level's state does not."""
@@ -198,14 +210,12 @@ def train(exp: Experiment, start_step: int, run_dir: Path | None, csv: MetricsCS
                     exp.nonfinite_total += 1
                     log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d allowed)",
                                 step, exp.nonfinite_total, cfg.train.max_nonfinite)
-                diverged = first_nonfinite(exp)
-                if diverged is not None:
-                    level = "fusion net" if diverged == "fusion" else f"{diverged!r} constraint"
-                    key = "train.upper_optim.lr" if diverged == "fusion" else f"tasks.{diverged}.optim.lr"
-                    raise NonFiniteError(
-                        f"iteration {step}: the {level} has non-finite weights or running statistics (it "
-                        f"diverged); no checkpoint of this state is written. Lower {key} or set "
-                        "bilevel.grad_clip, and restart (or resume from an earlier last.pt).")
+                # Reading the weights back costs a device sync, so check when anything is logged or saved (a
+                # diverged net stays non-finite): never a checkpoint of a diverged state.
+                if (step % cfg.log.log_every == 0 or step == iters
+                        or any(every and step % every == 0
+                               for every in (cfg.eval.val_every, cfg.train.ckpt_every, cfg.log.image_every))):
+                    check_finite(exp, step)
                 diag["train/nonfinite_total"] = float(exp.nonfinite_total)
                 avg.add({**diag, **exp.lrs()})
                 bar.update(1)
@@ -239,7 +249,9 @@ def train(exp: Experiment, start_step: int, run_dir: Path | None, csv: MetricsCS
                         "set bilevel.grad_clip, or check the data.")
                 after_step(step)
                 if any_rank(stop.requested, exp.world):
+                    check_finite(exp, step)
                     raise RunInterrupted(save_last(exp, run_dir, step), step)
     finally:
         bar.close()
+        exp.streams.close()
     return step

@@ -18,11 +18,14 @@ Methods are only ranked on the same pairs: a method that lacks a fused image for
 error (exit 2, naming the method and how many pairs it lacks), never a mean over fewer images bolded
 against full ones. Add the missing images, or leave those pairs out of ``--ir``/``--vi``.
 
-Everything is checked before the first metric is computed: ``--out`` (absent or an empty folder, writable;
-it is never overwritten), the folders, the method names (a duplicate ``--fused`` name, or one equal to a
-``--fused-root`` sub-folder, is an error), every image header and size (a fused image whose size differs
-from its sources is an error naming the file), and that at least one pair matches. A bad input exits with
-code 2 and one line ``error: ...`` on stderr, and nothing is written.
+Everything is checked before the first metric is computed: ``--out`` (absent or an empty folder, writable,
+not one of the input folders nor inside one; it is never overwritten), the folders, the method names (a
+duplicate ``--fused`` name, or one equal to a ``--fused-root`` sub-folder, is an error), every image header
+and size (a fused image whose size differs from its sources, an image over ``fusion.image_io.MAX_PIXELS``,
+or one smaller than the largest window of the chosen metrics, :func:`min_image_side`, is an error naming
+the file), and that at least one pair matches. A bad input exits with code 2 and one line ``error: ...`` on
+stderr, and nothing is written. ``--stretch-16bit`` stretches each 16-bit image's min-max to [0, 1] (raw
+sensor counts; see ``fusion.image_io.read_image``).
 """
 
 from __future__ import annotations
@@ -38,20 +41,36 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
-from fusion.image_io import ImagePairError
+from fusion.image_io import ImagePairError, image_size
 from fusion.metrics import get_metric, get_profile, list_metrics
 from fusion.metrics.profiles import shared_preparation
 
-__all__ = ["EvaluationResult", "evaluate_folders", "evaluate_run", "image_size", "latex_table", "main",
-           "markdown_table", "score_images", "summarise", "write_csv", "write_outputs"]
+__all__ = ["STANDARD_METRICS", "EvaluationResult", "evaluate_folders", "evaluate_run", "latex_table", "main", "markdown_table",
+           "check_min_side", "check_run_sizes", "min_image_side", "score_images", "summarise", "write_csv", "write_outputs"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# The smallest image side on which each metric can be computed: its largest window, or the coarsest scale of
+# its pyramid (below it the metric raises or gives NaN). Metrics not listed work on a single pixel;
+# tests/test_reliability_images.py checks every entry against the metrics themselves, in both directions.
+MIN_SIDE = {"SF": 2, "AG": 2, "NMI": 2, "SCD": 2, "CC": 2, "Qabf": 2, "Nabf": 2, "Qcb": 2, "Qcv": 2,
+            "FMI": 3, "FMI_pixel": 3, "FMI_dct": 3, "Qp": 6, "Q0": 8, "Qw": 8, "Qe": 8,
+            "SSIM": 11, "Qy": 11, "Qc": 11, "MEF_SSIM": 44, "VIF": 65, "VIFF": 65, "MS_SSIM": 161}
+_MIN_SIDE_BY_PROFILE = {("SF", "vifb"): 1, ("SF", "mefb"): 1, ("AG", "cddfuse"): 1, ("SSIM", "cddfuse"): 7,
+                        ("Qw", "mefb"): 11, ("Qncie", "mefb"): 2, ("TE", "mefb"): 2}
+
+
+def min_image_side(metric: str, profile: str) -> int:
+    """The smallest image side (pixels) on which ``metric`` can be computed under ``profile``."""
+    name, prof = get_metric(metric).name, get_profile(profile).name
+    return _MIN_SIDE_BY_PROFILE.get((name, prof), MIN_SIDE.get(name, 1))
 
 
 @dataclass
@@ -107,31 +126,42 @@ def index_ab_pairs(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return a, b
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) from the file's header, without decoding it: checks every input before any work.
-
-    Raises:
-        ImagePairError: the file is not a readable image (empty, corrupt, too large for PIL's limit).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise ImagePairError(f"cannot read image {path}: {err}") from None
-    return h, w
-
-
-def _read(path: Path, device: torch.device) -> torch.Tensor:
+def _read(path: Path, device: torch.device, stretch16: bool) -> torch.Tensor:
     from fusion.image_io import read_image
 
-    return read_image(path).to(device=device, dtype=torch.float64)
+    return read_image(path, stretch16=stretch16).to(device=device, dtype=torch.float64)
+
+
+def check_min_side(sizes: Mapping[Any, tuple[int, int]], names: Sequence[str], profile: str,
+                   key: str = "--metrics") -> None:
+    """Every image must be large enough for the windows of every chosen metric (checked before any work).
+
+    Raises:
+        ImagePairError: naming the first image that is too small, the metric and its minimum side.
+    """
+    need, metric = max((min_image_side(n, profile), n) for n in names)
+    small = [(path, hw) for path, hw in sizes.items() if min(hw) < need]
+    if small:
+        path, (h, w) = small[0]
+        more = f" (and {len(small) - 1} more image(s))" if len(small) > 1 else ""
+        raise ImagePairError(
+            f"image {path} is {w}x{h} (WxH){more}, smaller than the minimum side of {need} pixels that metric "
+            f"{metric} (profile {profile}) needs; leave such images out or drop {metric} from {key}")
+
+
+# The default of a profile without a toolbox order: the metrics IVF papers tabulate (VIFB's 13 and the nine of
+# most papers), all fast. The information/phase-congruency metrics (FMI, Qp, TE, ...) cost up to seconds per
+# pair and are asked for by name, by ``--metrics all`` or by the ``mefb`` profile.
+STANDARD_METRICS = ("EN", "SD", "SF", "AG", "EI", "MI", "SCD", "CC", "PSNR", "MSE", "RMSE", "CE", "VIF", "Qabf",
+                    "Nabf", "SSIM", "MS_SSIM", "Qcb", "Qcv")
 
 
 def _resolve_metrics(metrics: Sequence[str] | str | None, profile: str) -> list[str]:
-    if metrics is None:
-        return list_metrics(profile)
+    if metrics is None or metrics == "all":
+        available = list_metrics(profile)
+        if metrics == "all" or get_profile(profile).order:
+            return available
+        return [m for m in STANDARD_METRICS if m in available]
     if isinstance(metrics, str):
         metrics = [m for m in (s.strip() for s in metrics.split(",")) if m]
     names = [get_metric(m).name for m in metrics]
@@ -153,6 +183,7 @@ def evaluate_folders(
     metrics: Sequence[str] | str | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    stretch16: bool = False,
 ) -> EvaluationResult:
     """Compute metrics for every matched (image, method); the core of ``evaluate.py``.
 
@@ -166,6 +197,7 @@ def evaluate_folders(
         metrics: names (case-insensitive) or a comma-separated string; default: all metrics of the profile.
         device: where to compute.
         progress: show a tqdm progress bar.
+        stretch16: stretch each 16-bit image's min-max to [0, 1] (see ``fusion.image_io.read_image``).
 
     Returns:
         An :class:`EvaluationResult` (use :func:`write_outputs` to save it).
@@ -185,13 +217,14 @@ def evaluate_folders(
         result.unmatched.append(f"{stem}: infrared image without a visible image")
     for stem in sorted(set(vi) - set(ir)):
         result.unmatched.append(f"{stem}: visible image without an infrared image")
-    stems = []
+    stems, sizes = [], {}
     for stem in sorted(set(ir) & set(vi)):
         hw_ir, hw_vi = image_size(ir[stem]), image_size(vi[stem])
         if hw_ir != hw_vi:
             result.unmatched.append(f"{stem}: infrared {hw_ir} and visible {hw_vi} sizes differ")
         else:
             stems.append(stem)
+            sizes[ir[stem]] = hw_ir
     if not stems:
         raise ValueError(f"no pair to evaluate: no stem has an infrared image in {ir_dir} and a visible image "
                          f"of the same size in {vi_dir} ({len(ir)} infrared, {len(vi)} visible image(s); "
@@ -208,12 +241,13 @@ def evaluate_folders(
             hw, hw_src = image_size(files[stem]), image_size(ir[stem])
             if hw != hw_src:
                 raise ValueError(f"fused image {files[stem]} of {m!r} is {hw} (H, W), its sources are {hw_src}")
+    check_min_side(sizes, names, profile)
 
     from tqdm import tqdm
 
     for stem in tqdm(stems, desc=f"evaluate ({profile})", unit="pair", disable=not progress):
-        a, b = _read(ir[stem], device)[None], _read(vi[stem], device)[None]
-        images = [_read(methods[m][stem], device) for m in methods]
+        a, b = _read(ir[stem], device, stretch16)[None], _read(vi[stem], device, stretch16)[None]
+        images = [_read(methods[m][stem], device, stretch16) for m in methods]
         channels = max(x.shape[0] for x in images)
         batch = torch.stack([x.expand(channels, -1, -1) for x in images])
         values = score_images(batch, a, b, names, profile, result.failures)
@@ -327,8 +361,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> No
             w.writerow([repr(v) if isinstance(v, float) else v for v in row])
 
 
-def _check_out(out: Path) -> Path:
-    """``--out`` must be absent or an empty folder, and writable: checked before any metric is computed."""
+def _check_out(out: Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """``--out`` must be absent or an empty folder, writable, and neither one of the ``inputs`` folders nor
+    inside one (its files would become inputs, or a method, of the next evaluation): checked before any
+    metric is computed."""
+    resolved = out.resolve()
+    for folder in inputs:
+        if resolved.is_relative_to(Path(folder).resolve()):
+            where = "is" if resolved == Path(folder).resolve() else "is inside"
+            raise ValueError(f"--out {out} {where} the input folder {folder}; choose a folder outside the inputs")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} is a file, not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -381,6 +422,29 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapp
             out.rmdir()
         raise
     return out
+
+
+def check_run_sizes(cfg, test_set) -> None:
+    """Before training: the run's test images must fit the windows of ``eval.metrics`` (a result with NaN
+    columns after hours of training is worse than an error now)."""
+    from experiments.data import image_files, is_generated
+
+    if not cfg.eval.enabled:
+        return
+    names = _resolve_metrics(list(cfg.eval.metrics), cfg.eval.profile)
+    if is_generated(cfg.data.name):
+        side = cfg.data.test_size or max(cfg.data.scene or cfg.data.crop, cfg.data.crop)
+        sizes = {f"{cfg.data.name} test scenes": (side, side)}
+    else:
+        files = image_files(test_set) or []
+        n = len(files) if cfg.eval.max_images is None else min(len(files), cfg.eval.max_images)
+        sizes = {path: image_size(path) for path in files[:n]}
+    from experiments.config import ConfigError
+
+    try:
+        check_min_side(sizes, names, cfg.eval.profile, key="eval.metrics")
+    except ImagePairError as err:
+        raise ConfigError(str(err)) from None
 
 
 def evaluate_run(exp, run_dir: Path, method: str | None = None) -> dict[str, float]:
@@ -505,9 +569,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-root", help="folder whose sub-folders are methods")
     p.add_argument("--profile", default="reference",
                    help="reference | vifb | mefb | tang | tang_legacy | cddfuse")
-    p.add_argument("--metrics", default=None, help="comma-separated names (default: all of the profile)")
+    p.add_argument("--metrics", default=None, help="comma-separated names, or 'all' (default: the profile's toolbox order, else the "
+                        "standard IVF metrics: " + ",".join(STANDARD_METRICS) + ")")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output folder (must be absent or empty)")
+    p.add_argument("--stretch-16bit", action="store_true",
+                   help="stretch each 16-bit image's min-max to [0, 1] (raw sensor counts) instead of /65535")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -517,13 +584,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        _check_out(out)
         if (args.ir is None) != (args.vi is None):
             raise ValueError("--ir and --vi go together (or give --pairs for A/B source pairs)")
         fused = _parse_fused(args.fused, args.fused_root)
+        inputs = [f for f in (args.ir, args.vi, args.pairs, args.fused_root, *fused.values()) if f is not None]
+        _check_out(out, inputs)
         result = evaluate_folders(
             args.ir, args.vi, fused, pairs=args.pairs, profile=args.profile, metrics=args.metrics,
-            device=args.device, progress=not args.no_progress,
+            device=args.device, progress=not args.no_progress, stretch16=args.stretch_16bit,
         )
         sources = {"pairs": args.pairs} if args.pairs else {"ir": args.ir, "vi": args.vi}
         inputs = {**sources, **{f"fused/{k}": v for k, v in fused.items()}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,22 +22,37 @@ from bilevel.estimators import check_hypergrad_options, list_hypergrads
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import FORMAT, load_checkpoint, load_weights, rng_state, set_rng_state
 from experiments.config import ConfigError, RunConfig, to_dict
-from experiments.data import (DataSpec, Streams, check_held_out, check_labels, create_split, data_spec, is_generated,
-                              stream_seed)
+from experiments.data import (
+    GROUP_KEY,
+    TASK_KEY,
+    DataSpec,
+    Streams,
+    check_held_out,
+    check_labels,
+    component_names,
+    component_specs,
+    create_split,
+    data_spec,
+    dataset_task,
+    is_generated,
+    stream_seed,
+    with_dataset_defaults,
+)
 from experiments.distributed import broadcast_modules
+from experiments.evaluate import check_run_sizes
 from experiments.fuse import fuse_batch
 from experiments.optim import make_optimizer, make_scheduler
 from fusion.colour import luminance, to_image
 from fusion.data import FusionDataset, list_datasets
-from fusion.losses import create_fusion_loss, list_fusion_losses
+from fusion.losses import create_fusion_loss, list_fusion_losses, saliency_map
 from fusion.nets.registry import create_fusion_net, fused_output, list_fusion_nets
+from tasks.base import eval_mode
 from tasks.critic import CriticTask
 from tasks.det import DetTask
-from tasks.base import eval_mode
 from tasks.registry import create_task, list_tasks
 from tasks.seg import SegTask
 
-__all__ = ["Experiment", "build", "check_names", "resolve_device"]
+__all__ = ["Experiment", "build", "check_names", "resolve_device", "task_loss_name"]
 
 # Batch keys each kind of constraint needs, read from its class without building it.
 _NEEDS = {"critic": CriticTask.needs, "seg": SegTask.needs, "det": DetTask.needs}
@@ -49,7 +64,7 @@ def check_names(cfg: RunConfig) -> None:
               ("fusion loss", "loss.name", cfg.loss.name, list_fusion_losses()),
               ("hypergradient", "bilevel.hypergrad", cfg.bilevel.hypergrad, list_hypergrads()),
               ("aggregator", "bilevel.aggregate", cfg.bilevel.aggregate, list_aggregators()),
-              ("dataset", "data.name", cfg.data.name, list_datasets())]
+              *(("dataset", "data.name", name, list_datasets()) for name in component_names(cfg.data.name))]
     for k in cfg.constraints:
         tcfg = getattr(cfg.tasks, k)
         checks.append(("task", f"tasks.{k}.name", tcfg.name or k, list_tasks()))
@@ -110,25 +125,84 @@ class Experiment:
     rank: int = 0
     nonfinite_total: int = 0
     best_val: float = math.inf
+    task_losses: dict[str, nn.Module] = field(default_factory=dict)   # fusion task → its loss (loss_fn: primary's)
 
     # -- the maps every level shares
     def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> UpperOutput:
         """Fusion net → image in the visible's mode, plus its weighted auxiliary losses. Unclamped while
-        training so the fusion loss and the constraints get gradients everywhere."""
-        raw, aux = fused_output(net(batch["ir"], batch["vis"]))
+        training so the fusion loss and the constraints get gradients everywhere.
+
+        A net with per-task routers (TC-MoA) uses the router of the batch's fusion task. A group batch
+        (multi-task data) is fused member by member; the step takes one tensor per stream, so its value is the
+        members' images flattened and concatenated in member order (:meth:`fusion_loss` splits it again), and
+        its aux losses are named ``<component>/<name>``."""
+        if GROUP_KEY in batch:
+            outs = {c: self.forward(net, b) for c, b in batch[GROUP_KEY].items()}
+            return UpperOutput(torch.cat([o.value.reshape(-1) for o in outs.values()]),
+                               {f"{c}/{k}": v for c, o in outs.items() for k, v in o.aux.items()})
+        raw, aux = fused_output(net(batch["ir"], batch["vis"], **self.net_inputs(net, batch), **self.route(batch)))
         return UpperOutput(to_image(raw, self.net.out_space, batch["vis"], clamp=False),
-                           self.loss_fn.weigh_aux(aux))
+                           self.loss_for(batch).weigh_aux(aux))
+
+    def route(self, batch: Mapping[str, Any]) -> dict[str, str]:
+        """``{"task": <the batch's fusion task>}`` for a net with per-task routers, else nothing. A batch
+        without a task (evaluation, validation) uses the net's default router: the primary data's task."""
+        return {"task": batch[TASK_KEY]} if TASK_KEY in batch and hasattr(self.net, "select_task") else {}
+
+    def loss_for(self, batch: Mapping[str, Any]) -> nn.Module:
+        """The fusion loss of the batch's task (:func:`task_loss_name`); ``loss_fn`` for a batch without one."""
+        return self.task_losses.get(batch.get(TASK_KEY), self.loss_fn)
 
     def fusion_loss(self, z: Tensor, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The fusion loss on the fused image (its luminance for one-channel nets: ``to_image`` inverts YCbCr
-        exactly and is unclamped here, so this equals the loss on the raw net output)."""
-        fused = luminance(z) if self.net.out_space in ("y", "grey") else z
-        return self.loss_fn(fused.float(), batch["ir"], batch["vis"])
+        exactly and is unclamped here, so this equals the loss on the raw net output).
+
+        On a group batch: Σ_c w_c · loss_c over its members, w_c = ``loss.task_weights`` of the member's task
+        (default 1), each member's loss that of its task; parts ``<component>/<part>``."""
+        if GROUP_KEY in batch:
+            return self._group_loss(z, batch[GROUP_KEY])
+        loss_fn = self.loss_for(batch)
+        fused = (luminance(z) if self.net.out_space in ("y", "grey") else z).float()
+        mask = self.saliency(batch, fused) if loss_fn.uses_mask else None
+        return loss_fn(fused, batch["ir"], batch["vis"], mask)
+
+    def _group_loss(self, z: Tensor, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
+        """:meth:`fusion_loss` of a group: ``z`` is :meth:`forward`'s flat concatenation of images shaped like
+        the members' visible images."""
+        parts = torch.split(z, [b["vis"].numel() for b in members.values()])
+        out: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for (c, b), flat in zip(members.items(), parts):
+            member = self.fusion_loss(flat.view(b["vis"].shape), b)
+            weighted = float(self.cfg.loss.task_weights.get(b[TASK_KEY], 1.0)) * member["loss"]
+            total = weighted if total is None else total + weighted
+            out.update({f"{c}/{k}": v for k, v in member.items()})
+        return {"loss": total, **out}
+
+    def saliency(self, batch: Mapping[str, Any], like: Tensor, *, labels: bool = True) -> Tensor:
+        """The batch's saliency map (``fusion.losses.saliency_map``): the one map the fusion loss, the critic's
+        "real" sample and a net with ``attention="input"`` get. A critic's options choose the source, so its
+        target and the loss agree bit for bit; the loss's ``mask_fallback`` says whether the IR fallback may
+        stand in. ``labels=False`` forces that label-free fallback."""
+        critic = next((t for t in self.tasks.values() if isinstance(t, CriticTask)), None)
+        options = dict(critic.saliency_options) if critic is not None else {}
+        if not labels:
+            options["source"] = "ir"
+        return saliency_map(batch, like, **options, fallback=self.loss_for(batch).mask_fallback)
+
+    def net_inputs(self, net: nn.Module, batch: Mapping[str, Any], *, labels: bool = True) -> dict[str, Tensor]:
+        """Extra forward arguments of the fusion net: MoE-Fusion built with ``attention="input"`` gets the
+        batch's saliency map as its foreground (the ground-truth box mask on data with boxes, which is what the
+        published local experts separate); other nets get none."""
+        if getattr(net, "attention_mode", None) != "input":
+            return {}
+        return {"attention": self.saliency(batch, batch["ir"], labels=labels)}
 
     def fuse(self, batch: Mapping[str, Any]) -> Tensor:
-        """The clamped fused image in float32, net in eval mode (evaluation, validation, panels)."""
+        """The clamped fused image in float32, net in eval mode (evaluation, validation, panels). A net with
+        ``attention="input"`` gets the label-free IR map here, so no test label reaches the fused image."""
         with eval_mode(self.net):
-            return fuse_batch(self.net, batch["ir"], batch["vis"])
+            return fuse_batch(self.net, batch["ir"], batch["vis"], **self.net_inputs(self.net, batch, labels=False))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.train.amp != "bf16":
@@ -191,6 +265,13 @@ class Experiment:
         return int(ckpt["step"])
 
 
+def task_loss_name(loss: str, task: str) -> str:
+    """The fusion loss preset for data of fusion task ``task``: TC-MoA's presets follow the task (the paper trains
+    each task with its own loss: ``tc_moa_vif``, ``tc_moa_mef``, ``tc_moa_mff``); any other preset serves every
+    task as given."""
+    return f"tc_moa_{task}" if loss.startswith("tc_moa_") else loss
+
+
 def _task_kwargs(cfg: RunConfig, k: str, dataset: FusionDataset, spec: DataSpec) -> dict[str, Any]:
     """The constraint's kwargs, completed from its data (class names, ignore index, detector input size)."""
     kwargs = dict(getattr(cfg.tasks, k).kwargs)
@@ -212,8 +293,13 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
 
     ``load_init=False`` skips ``net.init`` (a resumed or evaluated checkpoint brings its own weights; the
     warm-start path is provenance, not needed to rebuild the net).
+
+    Multi-task data (``data.name="vifb+mef+mff"``): the upper stream is a group of one stream per component
+    (``experiments.data``), each component's fusion task brings its own loss (:func:`task_loss_name`) and
+    router, and the net's default router is the primary (first) component's task.
     """
     check_names(cfg)
+    cfg = with_dataset_defaults(cfg)
     device = resolve_device(cfg.train.device, local_rank)
 
     # ---- data first: a task whose data lacks labels fails here, before any net is built
@@ -231,6 +317,13 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
 
     streams = Streams(cfg, rank, start_step, device)
     upper_stream = streams.add(specs["run"], "train", cfg.train.batch, train_sets["run"])
+    components = component_specs(cfg)
+    if len(components) > 1:   # one batch of every component per iteration
+        members = {components[0].name: upper_stream}
+        for c in components[1:]:
+            members[c.name] = streams.add(c, "train", cfg.train.batch, dataset(c, "train"))
+            check_held_out(dataset(c, "train"), dataset(c, "test"), c, cfg.data.holdout)
+        upper_stream = streams.add_group(members)
     ll_streams, ul_streams = {}, {}
     for k in cfg.constraints:
         tcfg = getattr(cfg.tasks, k)
@@ -239,22 +332,39 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
     test_sets = {name: dataset(spec, "test") for name, spec in specs.items()}
     for name, spec in specs.items():
         check_held_out(train_sets[name], test_sets[name], spec, cfg.data.holdout)
+    check_run_sizes(cfg, test_sets["run"])
     val_set = dataset(specs["run"], "ul") if cfg.eval.val_every else None
 
     # ---- nets: initial weights depend on the seed only (not on what the data code drew), identical on every rank
     torch.manual_seed(cfg.train.seed)
     net = create_fusion_net(cfg.net.name, **cfg.net.kwargs).to(device)
+    fusion_tasks = sorted(set(streams.tasks.values()))
+    primary_task = dataset_task(specs["run"].name)
+    if hasattr(net, "select_task"):    # per-task routers (TC-MoA): every stream's task needs one
+        missing = [t for t in fusion_tasks if t not in net.tasks]
+        if missing:
+            raise ConfigError(f"the data's fusion task(s) {missing} have no router in {cfg.net.name!r} (routers: "
+                              f"{list(net.tasks)}); set net.kwargs.tasks to include them")
+        if "task" not in cfg.net.kwargs:
+            net.select_task(primary_task)
     if cfg.net.init and load_init:
         init = load_checkpoint(cfg.net.init)
         if init["net"]["name"] != cfg.net.name:
             raise ConfigError(f"net.init {cfg.net.init} holds a {init['net']['name']!r} net, not {cfg.net.name!r}")
         load_weights(net, init["model"], f"{cfg.net.name} net from net.init {cfg.net.init}")
-    loss_fn = create_fusion_loss(cfg.loss.name, **cfg.loss.kwargs).to(device)
+    task_losses = {}
+    for t in dict.fromkeys([primary_task, *fusion_tasks]):
+        name = task_loss_name(cfg.loss.name, t)
+        task_losses[t] = create_fusion_loss(name, **(cfg.loss.kwargs if name == cfg.loss.name else {})).to(device)
+    loss_fn = task_losses[primary_task]
     tasks = {}
     for k in cfg.constraints:
         torch.manual_seed(stream_seed(cfg.train.seed, f"init/{k}", 0))
-        tasks[k] = create_task(getattr(cfg.tasks, k).name or k,
-                               **_task_kwargs(cfg, k, train_sets[k], specs[k])).to(device)
+        try:
+            tasks[k] = create_task(getattr(cfg.tasks, k).name or k, **_task_kwargs(cfg, k, train_sets[k], specs[k]))
+        except TypeError as err:    # a keyword the task (or the model it wraps, e.g. smp's) does not take
+            raise ConfigError(f"tasks.{k}.kwargs: {err}") from err
+        tasks[k] = tasks[k].to(device)
     broadcast_modules([net, *tasks.values()], world)
 
     total = cfg.train.iters
@@ -266,7 +376,8 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
 
     exp = Experiment(cfg=cfg, device=device, net=net, loss_fn=loss_fn, tasks=tasks, upper_optim=upper_optim,
                      upper_sched=upper_sched, lower_optims=lower_optims, lower_scheds=lower_scheds,
-                     streams=streams, test_sets=test_sets, val_set=val_set, specs=specs, world=world, rank=rank)
+                     streams=streams, test_sets=test_sets, val_set=val_set, specs=specs, world=world, rank=rank,
+                     task_losses=task_losses)
     constraints = [
         Constraint(name=k, module=t, optimizer=lower_optims[k],
                    lower_loss=(lambda z, b, t=t: t.lower_loss(z, b)["loss"]),

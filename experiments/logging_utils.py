@@ -3,7 +3,7 @@
 Nothing in a run depends on wandb: every scalar goes to ``metrics.csv`` first, and wandb (when enabled)
 receives the same dict. wandb never blocks a run: without an API key the default mode is ``offline``
 (files under ``<run>/wandb/``), an explicit ``WANDB_MODE`` is respected, and a failing ``wandb.init`` falls
-back to no tracking with a warning.
+back to no tracking with a warning. Only ``online`` touches the network (see :class:`Tracker`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "OutputError",
-    "make_run_dir",
-    "write_env",
     "MetricsCSV",
+    "OutputError",
     "Tracker",
-    "resolve_wandb_mode",
-    "image_panel",
-    "output_guard",
     "check_writable",
+    "image_panel",
+    "make_run_dir",
+    "output_guard",
+    "resolve_wandb_mode",
+    "write_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _explain_runtime_error(err: RuntimeError, path: Path | str) -> OutputError:
     return _explain_oserror(OSError(code, os.strerror(code)), path)
 
 
-class output_guard:  # noqa: N801 - used as a context manager like contextlib helpers
+class output_guard:
     """Turn every write failure under ``path`` into one clear :class:`OutputError`.
 
     Wrap only code that writes: OS errors (read-only, full, a file in the way) and the ``RuntimeError`` that
@@ -152,7 +152,8 @@ def make_run_dir(out: str | Path, name: str, seed: int, now: _dt.datetime | None
 
 def _git_sha(repo: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -161,7 +162,7 @@ def _git_sha(repo: Path) -> str | None:
 def _git_dirty(repo: Path) -> bool | None:
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
@@ -282,6 +283,11 @@ class Tracker:
     fake module in ``sys.modules["wandb"]`` and assert the calls. With mode ``disabled`` wandb is not
     imported at all. Only rank 0 of a distributed run should construct an active tracker.
 
+    ``wandb.init(mode="offline")`` makes only the run offline: wandb's process-wide settings stay online,
+    and its usage telemetry (wandb 0.31) resolves and posts to the wandb server from a background thread,
+    at the latest when the process exits. The mode is therefore also set process-wide with
+    ``wandb.setup`` before ``wandb.init``, which keeps an offline run off the network.
+
     Args:
         mode: online | offline | disabled (see :func:`resolve_wandb_mode`).
         run_dir: wandb files go to ``<run_dir>/wandb``.
@@ -298,6 +304,8 @@ class Tracker:
             return
         try:
             wandb = importlib.import_module("wandb")
+            if hasattr(wandb, "setup") and hasattr(wandb, "Settings"):
+                wandb.setup(settings=wandb.Settings(mode=mode))
             settings = wandb.Settings(init_timeout=30, silent=True) if hasattr(wandb, "Settings") else None
             kwargs = {"settings": settings} if settings is not None else {}
             self.run = wandb.init(project=project, name=name, dir=str(run_dir), mode=mode,

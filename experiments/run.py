@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import logging
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,14 @@ from experiments.config import (
     to_dict,
     to_yaml,
 )
-from experiments.data import DataError, create_split, data_root_from_env, data_spec, epochs_to_iters
+from experiments.data import (
+    DataError,
+    create_split,
+    data_root_from_env,
+    data_spec,
+    epochs_to_iters,
+    with_dataset_defaults,
+)
 from experiments.distributed import all_reduce_mean, init_distributed, shutdown
 from experiments.engine import NonFiniteError, RunInterrupted, train
 from experiments.evaluate import evaluate_run
@@ -56,10 +66,8 @@ from experiments.logging_utils import (
 )
 from experiments.presets import default_preset, get_preset, list_presets, smoke
 
-__all__ = ["DataError", "NonFiniteError", "RunInterrupted", "RunResult", "cli", "get_args_parser", "main",
-           "resolve_config"]
-
-log = logging.getLogger("experiments.run")
+__all__ = ["DataError", "NonFiniteError", "RunInterrupted", "RunResult", "check_kwargs", "check_resume_changes",
+           "cli", "get_args_parser", "main", "resolve_config"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,7 +114,8 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
     """
     if resume_config is not None:
         if args.preset:
-            log.warning("--preset %s ignored: --resume continues the checkpoint's config", args.preset)
+            raise ConfigError(f"--preset {args.preset} cannot apply with --resume: the checkpoint's config is "
+                              "the base of a resumed or evaluated run; drop --preset")
         cfg = apply_dict(RunConfig(), dict(resume_config))
     else:
         try:
@@ -151,18 +160,26 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
     cfg = apply_overrides(cfg, flags)
     cfg = apply_overrides(cfg, args.overrides)
     root = data_root_from_env(cfg.data.root, cfg.data.name)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    return with_dataset_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root)))
 
 
 # What a resumed run may change: where data and outputs live, how it logs and evaluates, and how long it runs.
 # Everything else would be overwritten by the optimiser/scheduler states or change the run's meaning.
 RESUMABLE = ("train.iters", "train.epochs", "train.device", "train.threads", "train.ckpt_every",
-             "train.max_nonfinite", "train.deterministic", "data.root", "data.num_workers", "eval.", "log.",
+             "train.max_nonfinite", "train.deterministic", "data.root", "data.num_workers", "data.cache_gb", "eval.", "log.",
              "tasks.critic.data_root", "tasks.seg.data_root", "tasks.det.data_root")
 
 
-def check_resume_changes(saved: RunConfig, cfg: RunConfig) -> None:
-    """Refuse flags or ``--set`` values that contradict the checkpoint of a continued run (never ignore them)."""
+# What --eval-only may not change: the models the checkpoint holds (a different net would not load, and a
+# constraint the checkpoint has no weights for would be evaluated untrained). Data, evaluation, logging may.
+EVAL_ONLY_FIXED = ("task", "net.name", "net.kwargs", *(f"tasks.{k}.{f}" for k in ("critic", "seg", "det")
+                                                       for f in ("name", "kwargs")))
+_FLAGS = {"task": "--task", "net.name": "--fusion-net"}
+
+
+def check_resume_changes(saved: RunConfig, cfg: RunConfig, *, eval_only: bool = False) -> None:
+    """Refuse flags or ``--set`` values that contradict the checkpoint of a continued run (never ignore them);
+    with ``eval_only``, those that change the checkpoint's models (:data:`EVAL_ONLY_FIXED`)."""
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}
@@ -172,12 +189,68 @@ def check_resume_changes(saved: RunConfig, cfg: RunConfig) -> None:
         return out
 
     old, new = flat(to_dict(saved)), flat(to_dict(cfg))
+    if eval_only:
+        fixed = [k for k in EVAL_ONLY_FIXED if old.get(k) != new.get(k)]
+        if fixed:
+            k = fixed[0]
+            given = f"{_FLAGS[k]} {new.get(k)!r}" if k in _FLAGS else f"--set {k}={new.get(k)!r} (or --config)"
+            raise ConfigError(f"--eval-only evaluates the checkpoint's models, but {given} contradicts it "
+                              f"(checkpoint: {k}={old.get(k)!r}); drop it, or train a new run")
+        return
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE)]
     if changed:
         shown = ", ".join(f"{k}={new[k]!r} (checkpoint: {old.get(k)!r})" for k in changed[:4])
         raise ConfigError(f"--resume continues the checkpoint's run, but {shown}"
                           f"{' …' if len(changed) > 4 else ''} differ from it. Only {', '.join(RESUMABLE)} may "
                           "change on resume; start a new run from its weights instead: --set net.init=PATH")
+
+
+def _keywords(target: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword names ``target`` takes, and whether it also takes ``**kwargs``."""
+    params = inspect.signature(target).parameters.values()
+    return ({p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
+def _accepted(factory: Callable[..., Any], forwards_to: Callable[..., Any] | None) -> set[str] | None:
+    """Keywords ``factory`` accepts, following its ``**kwargs`` to ``forwards_to``; None: any keyword."""
+    names, open_ = _keywords(factory)
+    if open_ and forwards_to is not None:
+        more, open_ = _keywords(forwards_to)
+        names |= more
+    return None if open_ else names
+
+
+def check_kwargs(cfg: RunConfig) -> None:
+    """Unknown keys of ``net.kwargs``, ``loss.kwargs`` and ``tasks.<k>.kwargs`` (of the run's constraints) fail
+    before any work, with the closest valid key, instead of as a ``TypeError`` once data and nets are built.
+
+    A net factory's ``**kwargs`` go to the class it returns (``fusion.nets.registry.build_net``), a loss
+    preset's to ``FusionLoss``; the keys a task forwards elsewhere (the segmenter's ``**model_kwargs`` go to
+    the smp model) cannot be checked here.
+    """
+    from fusion.losses import _LOSSES, FusionLoss
+    from fusion.nets.registry import _REGISTRY as NETS
+    from tasks.registry import _TASKS
+
+    factory = NETS[cfg.net.name]
+    returned = typing.get_type_hints(factory).get("return")
+    loss = _LOSSES[cfg.loss.name]
+    checks = [("net.kwargs", f"fusion net {cfg.net.name!r}", cfg.net.kwargs,
+               _accepted(factory, returned if isinstance(returned, type) else None)),
+              ("loss.kwargs", f"fusion loss {cfg.loss.name!r}", cfg.loss.kwargs,
+               _accepted(loss, FusionLoss if issubclass(loss, FusionLoss) else None))]
+    for k in cfg.constraints:
+        tcfg = getattr(cfg.tasks, k)
+        checks.append((f"tasks.{k}.kwargs", f"task {tcfg.name or k!r}", tcfg.kwargs,
+                       _accepted(_TASKS[tcfg.name or k], None)))
+    for key, owner, given, valid in checks:
+        unknown = [name for name in given if valid is not None and name not in valid]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(valid), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key {unknown[0]!r} for {owner}{hint}; valid keys: "
+                              f"{', '.join(sorted(valid))}")
 
 
 @dataclass
@@ -228,12 +301,13 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
         raise ConfigError(f"{args.resume} is an inference-only checkpoint (no optimiser state): evaluate it with "
                           "--eval-only, or start a new run from its weights with --set net.init=PATH")
     cfg = resolve_config(args, ckpt["config"] if ckpt is not None else None)
-    if ckpt is not None and not args.eval_only:
-        check_resume_changes(apply_dict(RunConfig(), dict(ckpt["config"])), cfg)
+    if ckpt is not None:
+        check_resume_changes(apply_dict(RunConfig(), dict(ckpt["config"])), cfg, eval_only=args.eval_only)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return RunResult(run_dir=None)
     check_names(cfg)
+    check_kwargs(cfg)
     rank, world, local_rank = init_distributed(lambda r: resolve_device(cfg.train.device, r).type)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

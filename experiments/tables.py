@@ -15,8 +15,13 @@ whatever the folders hold:
 * **detection**: per-class AP@0.5 and mAP@0.5 (from ``det_per_class.csv``);
 * with ``--rank NAME``: the rank of NAME on each fusion metric among the other methods plus itself.
 
-``--paper PRESET`` adds the published rows of ``experiments/paper_values/PRESET.csv`` (only the numbers the
-paper gives; missing cells are shown as "–"). Markdown goes to stdout (``--format tex`` for LaTeX);
+``--paper PRESET`` adds the published rows of ``experiments/paper_values/PRESET.csv``, alone or next to
+run folders (``python experiments/tables.py --paper bdl_mfnet_seg`` prints the paper's table). The CSV has one
+row per number: ``method, metric, value, source, citation``, where ``metric`` is ``mIoU``, ``mAcc``,
+``mAP50``, ``IoU/<class>``, ``Acc/<class>`` or ``AP50/<class>``, ``value`` a fraction (empty when the number
+could not be found: the cell shows "–"), ``source`` the paper and table the number comes from (required on
+every row) and ``citation`` the method's own paper. Each table with published rows lists these citations
+under it. Markdown goes to stdout (``--format tex`` for LaTeX);
 ``--out DIR`` writes both ``tables.md`` and ``tables.tex`` (an existing table is replaced only with
 ``--overwrite``, and atomically). Method names are escaped in both formats (``|`` in markdown; all of
 ``\\ & % $ # _ { } ~ ^`` in LaTeX). A bad input exits with code 2 and one ``error:`` line.
@@ -32,9 +37,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-__all__ = ["Source", "load_sources", "fusion_table", "rank_table", "seg_table", "det_table", "render", "main",
-           "md_escape", "tex_escape"]
+__all__ = [
+    "Source",
+    "det_table",
+    "fusion_table",
+    "load_sources",
+    "main",
+    "md_escape",
+    "paper_sources",
+    "rank_table",
+    "render",
+    "seg_table",
+    "tex_escape",
+]
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper_values"
 LOWER_IS_BETTER = {"CE", "MSE", "RMSE", "Nabf", "Qcv"}    # contracts.md
@@ -52,6 +67,8 @@ class Source:
     seg: dict[str, tuple[float, float]] | None = None        # class → (Acc, IoU), fractions
     det: dict[str, float] | None = None                      # class → AP50, fraction
     paper: bool = False
+    citation: str = ""                                       # published rows: the method's own paper
+    provenance: list[str] = field(default_factory=list)      # published rows: where the numbers come from
 
 
 def _float(cell: str | None) -> float:
@@ -115,16 +132,56 @@ def load_sources(paths: Sequence[str | Path], labels: Sequence[str] | None = Non
 
 
 def paper_sources(preset: str) -> list[Source]:
-    """Published rows of ``paper_values/<preset>.csv`` (fractions, like our results)."""
+    """Published rows of ``paper_values/<preset>.csv`` (fractions, like our results), one per method.
+
+    Summary metrics go to ``metrics``, ``IoU/<class>``/``Acc/<class>`` to ``seg`` and ``AP50/<class>`` to
+    ``det``; an empty ``value`` is a number the paper has but we could not find (NaN, shown as "–").
+
+    Raises:
+        FileNotFoundError: no such preset.
+        ValueError: a row without a source, a value that is not a number, an unknown metric name.
+    """
     path = PAPER_DIR / f"{preset}.csv"
     if not path.is_file():
         valid = sorted(p.stem for p in PAPER_DIR.glob("*.csv"))
         raise FileNotFoundError(f"no published values for {preset!r}; available: {', '.join(valid)}")
     by_method: dict[str, Source] = {}
-    for row in _read_rows(path):
+    for line, row in enumerate(_read_rows(path, ("method", "metric", "value", "source")), start=2):
+        if not (row.get("source") or "").strip():
+            raise ValueError(f"{path}:{line}: every published value needs a source (paper and table)")
+        try:
+            value = float(row["value"]) if row["value"].strip() else math.nan
+        except ValueError:
+            raise ValueError(f"{path}:{line}: value {row['value']!r} is not a number") from None
         src = by_method.setdefault(row["method"], Source(f"{row['method']} (paper)", path, paper=True))
-        src.metrics[row["metric"]] = float(row["value"])
+        src.citation = src.citation or (row.get("citation") or "").strip()
+        if row["source"] not in src.provenance:
+            src.provenance.append(row["source"])
+        kind, _, cls = row["metric"].partition("/")
+        if kind in ("IoU", "Acc") and cls:
+            acc, iou = (src.seg or {}).get(cls, (math.nan, math.nan))
+            src.seg = {**(src.seg or {}), cls: (value, iou) if kind == "Acc" else (acc, value)}
+        elif kind == "AP50" and cls:
+            src.det = {**(src.det or {}), cls: value}
+        elif not cls and row["metric"] in ("mIoU", "mAcc", "aAcc", "mAP50"):
+            src.metrics[row["metric"]] = value
+        else:
+            raise ValueError(f"{path}:{line}: unknown metric {row['metric']!r} (mIoU, mAcc, aAcc, mAP50, "
+                             "IoU/<class>, Acc/<class> or AP50/<class>)")
     return list(by_method.values())
+
+
+def _citations(sources: Sequence[Source]) -> list[str]:
+    """One line per published row shown: the method's paper and where its numbers come from."""
+    lines = []
+    for s in sources:
+        if s.paper:
+            values = [*s.metrics.values(), *(v for pair in (s.seg or {}).values() for v in pair),
+                      *(s.det or {}).values()]
+            gaps = "; – = a number of that table we could not find" if any(math.isnan(v) for v in values) else ""
+            lines.append(f"{s.method}: {s.citation or 'citation not given'}; numbers from "
+                         f"{' and '.join(s.provenance)}{gaps}")
+    return lines
 
 
 def _direction(metric: str) -> bool:
@@ -154,6 +211,7 @@ class Table:
     header: list[str]
     rows: list[list[tuple[str, bool]]]
     groups: list[tuple[str, int]] | None = None    # optional spanning header: (label, n columns)
+    notes: list[str] = field(default_factory=list)  # lines under the table (citations of published rows)
 
 
 def _best(values: list[float], higher: bool) -> float | None:
@@ -220,9 +278,11 @@ def rank_table(sources: Sequence[Source], ranked: Sequence[str], metrics: Sequen
 def seg_table(sources: Sequence[Source], include_unlabelled: bool = False) -> Table | None:
     """BDL Table 3 layout: per class Acc / IoU, then mAcc / mIoU (percent)."""
     with_seg = [s for s in sources if s.seg is not None or "mIoU" in s.metrics]
-    if not any(s.seg for s in with_seg):
+    if not any(s.seg for s in with_seg) and not any(s.paper for s in with_seg):
         return None
-    classes = list(dict.fromkeys(c for s in with_seg if s.seg for c in s.seg))
+    ours = [s for s in with_seg if not s.paper]   # published rows fill our columns; alone, they set them
+    classes = list(dict.fromkeys(c for s in (ours if any(s.seg for s in ours) else with_seg) if s.seg
+                                 for c in s.seg))
     if not include_unlabelled:
         classes = [c for c in classes if c.lower() != "unlabelled"]
     columns: list[list[float]] = []
@@ -243,21 +303,24 @@ def seg_table(sources: Sequence[Source], include_unlabelled: bool = False) -> Ta
     header = ["Method"] + [x for _ in classes for x in ("Acc", "IoU")] + ["mAcc", "mIoU"]
     groups = [("", 1)] + [(c, 2) for c in classes] + [("", 2)]
     return Table("Segmentation (%, MFNet protocol: means over all evaluated classes; best in bold)", header, rows,
-                 groups)
+                 groups, _citations(with_seg))
 
 
 def det_table(sources: Sequence[Source]) -> Table | None:
     """Per-class AP@0.5 and mAP@0.5."""
     with_det = [s for s in sources if s.det is not None or "mAP50" in s.metrics]
-    if not any(s.det for s in with_det):
+    if not any(s.det for s in with_det) and not any(s.paper for s in with_det):
         return None
-    classes = list(dict.fromkeys(c for s in with_det if s.det for c in s.det))
+    ours = [s for s in with_det if not s.paper]
+    classes = list(dict.fromkeys(c for s in (ours if any(s.det for s in ours) else with_det) if s.det
+                                 for c in s.det))
     rows_values = [[(s.det or {}).get(c, math.nan) for c in classes] + [s.metrics.get("mAP50", math.nan)]
                    for s in with_det]
     best = [_best(list(col), True) for col in zip(*rows_values)]
     rows = [[(s.method, False)] + [(f"{v:.3f}" if math.isfinite(v) else DASH, b is not None and v == b)
                                    for v, b in zip(values, best)] for s, values in zip(with_det, rows_values)]
-    return Table("Detection (VOC AP@0.5; best in bold)", ["Method", *classes, "mAP"], rows)
+    return Table("Detection (VOC AP@0.5; best in bold)", ["Method", *classes, "mAP"], rows,
+                 notes=_citations(with_det))
 
 
 def _md(table: Table) -> str:
@@ -272,6 +335,8 @@ def _md(table: Table) -> str:
              "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
         lines.append("| " + " | ".join(f"**{md_escape(t)}**" if b else md_escape(t) for t, b in row) + " |")
+    if table.notes:
+        lines += ["", *(f"- {note}" for note in table.notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -308,7 +373,10 @@ def _tex(table: Table) -> str:
     lines.append(r"\midrule")
     for row in table.rows:
         lines.append(" & ".join(rf"\textbf{{{tex_escape(t)}}}" if b else tex_escape(t) for t, b in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}}"]
+    if table.notes:
+        lines += [r"\par\footnotesize", *(tex_escape(note) + r"\\" for note in table.notes)]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +396,7 @@ def build_tables(sources: Sequence[Source], metrics: Sequence[str] | None = None
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Paper-style tables from run directories / evaluate.py outputs.")
-    p.add_argument("dirs", nargs="+", help="run directories or evaluate.py --out folders")
+    p.add_argument("dirs", nargs="*", help="run directories or evaluate.py --out folders (none: --paper alone)")
     p.add_argument("--labels", help="comma-separated method names, one per method row")
     p.add_argument("--metrics", help="comma-separated fusion metrics to show (default: all present)")
     p.add_argument("--paper", action="append", default=[], help="add published rows of paper_values/NAME.csv")
@@ -375,11 +443,14 @@ def _write(targets: Sequence[Path], texts: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command: exit 0, or 2 with one ``error:`` line (bad folder, label, preset, --rank or --out)."""
+    """The command: exit 0, or 2 with one ``error:`` line (bad folder, label, preset, published CSV, --rank or
+    --out)."""
     from experiments.logging_utils import OutputError
 
     args = get_args_parser().parse_args(argv)
     try:
+        if not args.dirs and not args.paper:
+            raise ValueError("give run directories or evaluate.py folders, or --paper NAME (or both)")
         targets = _check_out(Path(args.out), args.overwrite) if args.out else []
         sources = load_sources(args.dirs, args.labels.split(",") if args.labels else None)
         for preset in args.paper:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,15 +25,19 @@ from fusion.colour import as_rgb, luminance
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "SIXTEEN_BIT_MIN_SPAN",
     "ImagePairError",
-    "read_image",
-    "read_mask",
-    "to_single_channel",
+    "SixteenBitRangeWarning",
     "align_pair",
-    "read_pair",
-    "save_image",
+    "image_size",
     "list_images",
     "match_pairs",
+    "read_image",
+    "read_mask",
+    "read_pair",
+    "save_image",
+    "to_single_channel",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -41,10 +46,28 @@ VIS_MODES = ("keep", "grey", "rgb")
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
+MAX_PIXELS = 89_478_485
+"""The largest image (width × height) read by default: PIL's decompression-bomb threshold (about 9459 × 9459).
+Checked from the header, before anything is decoded, so a huge or hostile file is an error naming it instead
+of an allocator failure: a float32 RGB tensor of this size already takes 1.07 GB, and a fusion net needs
+several times that. Pass ``max_pixels`` (or set this constant) to read larger images; PIL itself still
+refuses images over twice ``PIL.Image.MAX_IMAGE_PIXELS``."""
+
+SIXTEEN_BIT_MIN_SPAN = 65535 // 8
+"""A 16-bit image whose counts span less than this (1/8 of the range) is reported: raw sensor counts such as
+7000–8020 divided by 65535 become a nearly flat grey image (see ``stretch16`` of :func:`read_image`)."""
+
 
 class ImagePairError(ValueError):
     """Bad image input: unreadable or corrupt file, unsupported bit depth, size mismatch, missing partner,
-    empty or missing folder. The message always names the file(s) or folder concerned."""
+    empty or missing folder, image over the pixel limit. The message always names the file(s) or folder."""
+
+
+class SixteenBitRangeWarning(UserWarning):
+    """A 16-bit image uses a small part of its range (raw sensor counts?): read as /65535 it is nearly flat."""
+
+
+_NARROW_WARNED: set[Path] = set()   # folders already reported: one warning per image set, not per image
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -74,19 +97,40 @@ def _opencv(path: Path):
 
 
 def _read_wide_colour(path: Path) -> np.ndarray:
+    """The raw uint16 (H, W, 3|4) counts of a 16-bit colour file, in RGB(A) order."""
     cv2 = _opencv(path)
     array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if array is None or array.dtype != np.uint16 or array.ndim != 3:
         raise ImagePairError(f"cannot decode 16-bit colour image {path}")
     order = [2, 1, 0, 3][: array.shape[2]]  # OpenCV stores BGR(A)
-    return array[:, :, order].astype(np.float32) / 65535.0
+    return array[:, :, order]
 
 
-def _to_float(image: Image.Image, path: Path, keep_alpha: bool) -> np.ndarray:
+def _from_16bit(raw: np.ndarray, path: Path, stretch16: bool) -> np.ndarray:
+    """16-bit counts → float32 in [0, 1]: divided by 65535, or (``stretch16``) min–max stretched over all
+    channels (a flat image becomes 0). Without the stretch, counts spanning less than
+    :data:`SIXTEEN_BIT_MIN_SPAN` give one :class:`SixteenBitRangeWarning` per folder: nothing else would tell
+    the user that the image reads as nearly flat grey."""
+    lo, hi = int(raw.min()), int(raw.max())
+    if stretch16:
+        if hi == lo:
+            return np.zeros(raw.shape, np.float32)
+        return ((raw.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    if hi - lo < SIXTEEN_BIT_MIN_SPAN and path.parent not in _NARROW_WARNED:
+        _NARROW_WARNED.add(path.parent)
+        warnings.warn(
+            f"{path}: 16-bit image with counts {lo}-{hi} uses {100 * (hi - lo) / 65535:.1f}% of 0-65535 and "
+            f"reads as a nearly flat image in [{lo / 65535:.3f}, {hi / 65535:.3f}]; for raw sensor counts pass "
+            f"stretch16=True (--stretch-16bit) to stretch each image's min-max to [0, 1] (not repeated for "
+            f"other images in {path.parent})", SixteenBitRangeWarning, stacklevel=4)
+    return raw.astype(np.float32) / 65535.0
+
+
+def _to_float(image: Image.Image, path: Path, keep_alpha: bool, stretch16: bool) -> np.ndarray:
     """Pillow image → float32 (H, W) or (H, W, C) in [0, 1], by the stored bit depth."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
-        return np.asarray(image).astype(np.float32) / 65535.0
+        return _from_16bit(np.asarray(image), path, stretch16)
     if mode == "I":  # 32-bit signed container; Pillow uses it for 16-bit PNGs too
         array = np.asarray(image)
         lo, hi = int(array.min()), int(array.max())
@@ -94,7 +138,7 @@ def _to_float(image: Image.Image, path: Path, keep_alpha: bool) -> np.ndarray:
             raise ImagePairError(
                 f"unsupported bit depth in {path}: 32-bit integer image with values in [{lo}, {hi}]; "
                 "only 8- and 16-bit integer images are supported")
-        return array.astype(np.float32) / 65535.0
+        return _from_16bit(array, path, stretch16)
     if mode == "F":
         array = np.asarray(image, dtype=np.float32)
         lo, hi = float(array.min()), float(array.max())
@@ -123,28 +167,73 @@ def _to_float(image: Image.Image, path: Path, keep_alpha: bool) -> np.ndarray:
     return array.astype(np.float32) / 255.0
 
 
-def read_image(path: str | os.PathLike, *, keep_alpha: bool = False) -> Tensor:
+def _open(path: Path, max_pixels: int | None) -> Image.Image:
+    """Open ``path`` (header only) and refuse it when it has more than ``max_pixels`` (None:
+    :data:`MAX_PIXELS`) pixels, before anything is decoded."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the limit below decides
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImagePairError(f"image {path} is too large for PIL: {err} "
+                             f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,})") from None
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise ImagePairError(f"image {path} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                             f"{limit:,} pixels (max_pixels, default fusion.image_io.MAX_PIXELS)")
+    return image
+
+
+def image_size(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(H, W) from the file's header, without decoding it: lets a command check every input before any work.
+
+    Raises:
+        ImagePairError: the file is not a readable image (missing, empty, corrupt) or has more than
+            ``max_pixels`` (None: :data:`MAX_PIXELS`) pixels.
+    """
+    path = Path(path)
+    try:
+        with _open(path, max_pixels) as image:
+            width, height = image.size
+    except ImagePairError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImagePairError(f"cannot read image {path}: {err}") from None
+    return height, width
+
+
+def read_image(path: str | os.PathLike, *, keep_alpha: bool = False, stretch16: bool = False,
+               max_pixels: int | None = None) -> Tensor:
     """Read an image as a float32 tensor (C, H, W) in [0, 1], keeping the stored channels.
 
     Grey (8-bit, 16-bit, 1-bit, grey+alpha) → 1 channel; RGB, palette and other colour modes → 3 channels.
     8-bit data is divided by 255, 16-bit data (PNG/TIFF, grey or colour) by 65535; float TIFFs must already lie
     in [0, 1]. Alpha is dropped unless ``keep_alpha`` (MFNet stores thermal as a 4th "alpha" channel).
 
+    Args:
+        stretch16: map a 16-bit image's own min-max (over all channels) to [0, 1] instead of dividing by
+            65535: for raw sensor counts (e.g. 7000-8020), which otherwise read as a nearly flat image (and
+            give a :class:`SixteenBitRangeWarning`, once per folder). 8-bit and float images are unaffected.
+        max_pixels: refuse images with more pixels (width × height) than this, from the header, before
+            decoding; None means :data:`MAX_PIXELS`.
+
     Raises:
-        ImagePairError: the file is missing, unreadable, corrupt or has an unsupported bit depth.
+        ImagePairError: the file is missing, unreadable, corrupt, over ``max_pixels`` or has an unsupported
+            bit depth.
     """
     path = Path(path)
     if not path.is_file():
         raise ImagePairError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with _open(path, max_pixels) as image:
             image.load()
             if _is_wide_colour(image, path):
-                array = _read_wide_colour(path)
-                if array.shape[2] == 4 and not keep_alpha:
-                    array = array[:, :, :3]
+                raw = _read_wide_colour(path)
+                array = _from_16bit(raw if raw.shape[2] == 3 or keep_alpha else raw[:, :, :3], path, stretch16)
             else:
-                array = _to_float(image, path, keep_alpha)
+                array = _to_float(image, path, keep_alpha, stretch16)
     except ImagePairError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -240,17 +329,19 @@ def align_pair(ir: Tensor, vis: Tensor, size_policy: str = "error", *,
 
 
 def read_pair(ir_path: str | os.PathLike, vis_path: str | os.PathLike, *, size_policy: str = "error",
-              vis_mode: str = "keep") -> tuple[Tensor, Tensor]:
+              vis_mode: str = "keep", stretch16: bool = False, max_pixels: int | None = None
+              ) -> tuple[Tensor, Tensor]:
     """Read an infrared/visible pair: ``ir`` (1, H, W) and ``vis`` (C, H, W), both float32 in [0, 1].
 
     Args:
         size_policy: see :func:`align_pair`; the default refuses pairs of different sizes.
         vis_mode: "keep" the stored channels, or force "grey" (luminance) or "rgb" (grey repeated).
+        stretch16, max_pixels: see :func:`read_image` (applied to both files).
     """
     if vis_mode not in VIS_MODES:
         raise ValueError(f"unknown vis_mode {vis_mode!r}; expected one of {VIS_MODES}")
-    ir = to_single_channel(read_image(ir_path))
-    vis = _apply_vis_mode(read_image(vis_path), vis_mode)
+    ir = to_single_channel(read_image(ir_path, stretch16=stretch16, max_pixels=max_pixels))
+    vis = _apply_vis_mode(read_image(vis_path, stretch16=stretch16, max_pixels=max_pixels), vis_mode)
     return align_pair(ir, vis, size_policy, ir_path=ir_path, vis_path=vis_path)
 
 

@@ -4,7 +4,8 @@ Building blocks (pure functions on [0, 1] tensors, shape (B, C, H, W)):
     :func:`intensity_loss` (target max / mean / saliency-weighted), :func:`saliency_fallback`,
     :func:`sobel_gradient`, :func:`gradient_max_loss`, :func:`ssim_loss` (pytorch-msssim), :func:`mef_ssim`
     (Ma, Zeng & Wang 2015), :func:`tc_moa_max_grad_loss`, :func:`mff_focus_mask`, :func:`masked_pixel_loss`,
-    :func:`boxes_to_mask`.
+    :func:`boxes_to_mask`, and :func:`saliency_map`: a batch's saliency map, the one map the fusion loss, the
+    critic's target and a MoE-Fusion net with external attention share.
 Auxiliary losses used inside the nets: :func:`cv_squared`, :func:`load_balance_loss` (Shazeer et al. 2017),
     :func:`mir_loss` (TC-MoA's mutual-information regularisation).
 Presets (``create_fusion_loss(name, **weights)``), all called as
@@ -24,9 +25,13 @@ luminance of each source; a three-channel output ("rgb") with the sources repeat
 one or three channels (for MEF/MFF pairs pass the second exposure/focus image as ``ir``).
 
 ``mask`` is a *saliency/foreground weight map* in [0, 1], (B, 1, H, W) or (B, H, W), e.g. BDL's shipped
-saliency masks or :func:`boxes_to_mask` for MoE-Fusion. It is not a segmentation label map: integer masks are
-rejected. Without a mask the presets that need one use the named fallback ``mask_fallback="ir_saliency"``
-(:func:`saliency_fallback`), or raise when ``mask_fallback="none"``.
+saliency masks or :func:`boxes_to_mask` for MoE-Fusion; :func:`saliency_map` builds it from a batch. It is not a
+segmentation label map: integer masks are rejected. Without a mask the presets that need one
+(``loss.uses_mask``) use the named fallback ``mask_fallback="ir_saliency"`` (:func:`saliency_fallback`), or raise
+when ``mask_fallback="none"``.
+
+Every preset also takes ``detail`` and ``contrast`` weights (default 0): the max-gradient and max-intensity
+terms of the strongest published infrared/visible losses, added as parts ``detail`` and ``contrast``.
 
 ``aux_losses`` is the dict from :func:`fusion.nets.fused_output`; its values are already weighted by the net's
 coefficients. Each preset adds ``aux_weight · Σ aux`` (key ``"mir"`` is weighted by the preset's MIR weight
@@ -36,8 +41,10 @@ instead). The TC-MoA code divides its balance term by (epoch + 1): a trainer doe
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +65,7 @@ __all__ = [
     "mff_focus_mask",
     "masked_pixel_loss",
     "boxes_to_mask",
+    "saliency_map",
     "cv_squared",
     "load_balance_loss",
     "mir_loss",
@@ -71,9 +79,14 @@ __all__ = [
     "create_fusion_loss",
     "list_fusion_losses",
     "MASK_FALLBACKS",
+    "SALIENCY_SOURCES",
 ]
 
 MASK_FALLBACKS = ("ir_saliency", "none")
+SALIENCY_SOURCES = ("auto", "saliency", "mask", "boxes", "ir")
+
+log = logging.getLogger(__name__)
+_ANNOUNCED: set[str] = set()  # fallbacks already announced in the log (once per process)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -180,6 +193,72 @@ def boxes_to_mask(
             c1, r1 = min(w, math.ceil(x1)), min(h, math.ceil(y1))
             out[i, :, r0:r1, c0:c1] = 1.0
     return out
+
+
+def saliency_map(
+    batch: Mapping[str, Any],
+    like: Tensor,
+    *,
+    source: str = "auto",
+    sigma: float = 3.0,
+    ignore_index: int = 255,
+    fallback: str = "ir_saliency",
+) -> Tensor:
+    """The saliency map m (B, 1, H, W) in [0, 1] that weighs IR against visible for ``batch``.
+
+    Why one function: the fusion loss's target m⊙ir + (1−m)⊙Y, the critic's "real" sample and the foreground
+    of a MoE-Fusion net with ``attention="input"`` must weigh the sources with the same map.
+
+    Sources (``source="auto"`` takes the first the batch has):
+        ``"saliency"``: ``batch["saliency"]``, a float map (B, [1,] H, W), e.g. BDL's released saliency masks;
+        ``"mask"``: segmentation labels ``batch["mask"]`` (B, H, W): every class > 0 counts as salient, pixels
+            equal to ``ignore_index`` do not (MSRS-style person masks: the person pixels);
+        ``"boxes"``: ``batch["boxes"]`` (a list of (N, 4) xyxy), rasterised by :func:`boxes_to_mask` (the
+            ground-truth box mask of MoE-Fusion's loss);
+        ``"ir"``: the fallback, :func:`saliency_fallback` of ``batch["ir"]`` with ``sigma``.
+    Under ``"auto"`` a batch with none of the three gets ``fallback``: ``"ir_saliency"`` (the ``"ir"`` map,
+    announced once per process in the log) or ``"none"`` (ValueError). A forced source missing from the batch
+    raises KeyError.
+
+    Returns:
+        the map on ``like``'s device in ``like``'s dtype, sized like ``like`` (B, ·, H, W); it carries no
+        gradient. Computed in at least float32 with autocast off, so callers inside and outside a bf16 region
+        get the same map.
+    """
+    if source not in SALIENCY_SOURCES:
+        raise ValueError(f"unknown saliency source {source!r}; expected one of {SALIENCY_SOURCES}")
+    if fallback not in MASK_FALLBACKS:
+        raise ValueError(f"unknown saliency fallback {fallback!r}; expected one of {MASK_FALLBACKS}")
+    if source == "auto":
+        source = next((k for k in ("saliency", "mask", "boxes") if batch.get(k) is not None), None)
+        if source is None:
+            if fallback == "none":
+                raise ValueError("the batch has no 'saliency', 'mask' or 'boxes' to build a saliency map from "
+                                 "(mask_fallback='none')")
+            source = "ir"
+            if "ir_saliency" not in _ANNOUNCED:
+                _ANNOUNCED.add("ir_saliency")
+                log.warning("saliency map: the batch has no saliency map, label mask or boxes; the fusion loss and "
+                            "the critic weigh the sources by the 'ir_saliency' fallback (blurred IR, min-max "
+                            "normalised per image, sigma %g); announced once", sigma)
+    elif batch.get(source) is None:
+        raise KeyError(f"saliency source {source!r} needs batch[{source!r}], which this batch lacks")
+    b, (h, w) = like.shape[0], like.shape[-2:]
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
+        if source == "saliency":
+            m = batch["saliency"].to(like.device, dtype)
+            m = m.unsqueeze(1) if m.dim() == 3 else m
+        elif source == "mask":
+            labels = batch["mask"].to(like.device)
+            m = ((labels > 0) & (labels != ignore_index)).to(dtype).unsqueeze(1)
+        elif source == "boxes":
+            m = boxes_to_mask(batch["boxes"], (h, w), like.device).to(dtype)
+        else:
+            m = saliency_fallback(batch["ir"].to(like.device, dtype), sigma)
+    if m.shape != (b, 1, h, w):
+        raise ValueError(f"saliency map from {source!r} has shape {tuple(m.shape)}; expected ({b}, 1, {h}, {w})")
+    return m.to(like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- gradients
@@ -366,12 +445,20 @@ class FusionLoss(nn.Module):
         mir_weight: weight of the aux key ``"mir"`` (TC-MoA).
         mask_fallback: what stands in for a missing ``mask``: "ir_saliency" (:func:`saliency_fallback`) or
             "none" (a missing mask is an error). Only used by presets that take a mask.
+        detail: weight of an extra part ``detail`` = L1(|∇F|, max(|∇ir|, |∇Y|)) (:func:`gradient_max_loss`),
+            added to any preset: it keeps the sharper source's edges, which a blend target smooths away.
+        contrast: weight of an extra part ``contrast`` = L1(F, max(ir, Y)): it keeps the brighter source's
+            intensity (hot targets stay bright), where a blend target lowers contrast.
+
+    ``uses_mask`` says whether the preset reads ``mask`` (a trainer builds the map only for those).
     """
 
     weights: dict[str, float]
+    uses_mask: bool = False
 
     def __init__(
-        self, *, aux_weight: float = 1.0, mir_weight: float = 1.0, mask_fallback: str = "ir_saliency"
+        self, *, aux_weight: float = 1.0, mir_weight: float = 1.0, mask_fallback: str = "ir_saliency",
+        detail: float = 0.0, contrast: float = 0.0,
     ):
         super().__init__()
         if mask_fallback not in MASK_FALLBACKS:
@@ -379,6 +466,7 @@ class FusionLoss(nn.Module):
         self.aux_weight = aux_weight
         self.mir_weight = mir_weight
         self.mask_fallback = mask_fallback
+        self.extra_weights = {name: float(w) for name, w in (("detail", detail), ("contrast", contrast)) if w}
 
     def terms(self, fused: Tensor, ir: Tensor, vis: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -388,7 +476,7 @@ class FusionLoss(nn.Module):
             return _as_float_mask(mask, ref)
         if self.mask_fallback == "none":
             raise ValueError(f"{type(self).__name__} needs a saliency mask (mask_fallback='none')")
-        return saliency_fallback(ir)
+        return saliency_map({"ir": ir}, ref, fallback=self.mask_fallback)
 
     def forward(
         self,
@@ -430,7 +518,12 @@ class FusionLoss(nn.Module):
             ir, vis = as_rgb(ir), as_rgb(vis)
         with torch.autocast(fused.device.type, enabled=False):
             parts = self.terms(fused, ir, vis, mask)
-        total = sum(self.weights[k] * v for k, v in parts.items())
+            if "detail" in self.extra_weights:
+                parts["detail"] = gradient_max_loss(fused, ir, vis)
+            if "contrast" in self.extra_weights:
+                parts["contrast"] = intensity_loss(fused, ir, vis, "max")
+        weights = {**self.weights, **self.extra_weights}
+        total = sum(weights[k] * v for k, v in parts.items())
         out = dict(parts)
         for name, value in self.weigh_aux(aux_losses or {}).items():
             total = total + value
@@ -444,11 +537,14 @@ class FusionLoss(nn.Module):
                 for name, value in aux_losses.items()}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.weights.items()) + f", aux_weight={self.aux_weight}"
+        weights = {**self.weights, **self.extra_weights}
+        return ", ".join(f"{k}={v}" for k, v in weights.items()) + f", aux_weight={self.aux_weight}"
 
 
 class BDLLoss(FusionLoss):
     """BDL fusion loss: L1(F, T) + 1.1·(1 − SSIM(F, T)), T = m⊙ir + (1−m)⊙Y (BDL's released code)."""
+
+    uses_mask = True
 
     def __init__(self, *, l1: float = 1.0, ssim: float = 1.1, **kw):
         super().__init__(**kw)
@@ -482,9 +578,11 @@ class MaxGradSSIMLoss(FusionLoss):
 class MoELoss(FusionLoss):
     """MoE-Fusion: 10·L1(|∇F|, max(|∇V|, |∇I|)) + masked pixel loss + aux (the nets' balance terms).
 
-    ``mask`` should be the ground-truth box mask (:func:`boxes_to_mask`); the detection losses of the original
-    are the detector task's business, not this loss's.
+    ``mask`` should be the ground-truth box mask (:func:`boxes_to_mask`; :func:`saliency_map` gives it for a
+    batch with boxes); the detection losses of the original are the detector task's business, not this loss's.
     """
+
+    uses_mask = True
 
     def __init__(self, *, grad: float = 10.0, pixel: float = 1.0, **kw):
         super().__init__(**kw)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion.colour import as_rgb, luminance
-from fusion.losses import saliency_fallback
+from fusion.losses import SALIENCY_SOURCES, saliency_map
 from tasks.base import Task, eval_mode, normalize_input
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
 CRITIC_ARCHS = ("pixel", "patch")
 GAN_LOSSES = ("wgan", "lsgan", "hinge")
 REAL_SAMPLES = ("saliency", "max", "vis")
-SALIENCY_SOURCES = ("auto", "saliency", "mask", "ir")
 CRITIC_NORMS = ("batch", "none", "group")
 
 
@@ -158,10 +157,11 @@ class CriticTask(Task):
             :meth:`lower_loss`, i.e. before each critic update, which equals clipping after each update except the
             last; call :meth:`clip_weights_` from an optimiser step hook for the strict form. Do not combine with
             hypergradient estimators that perturb the critic's weights in place (finite differences).
-        saliency_source: where m comes from for ``real="saliency"``: ``"auto"`` (``batch["saliency"]``, else
-            ``batch["mask"] > 0`` without ignored pixels, else the IR fallback), or one of them forced:
-            ``"saliency"``, ``"mask"``, ``"ir"`` (``fusion.losses.saliency_fallback``, the named toolkit
-            choice "ir_saliency": blurred IR, min–max normalised per image).
+        saliency_source: where m comes from for ``real="saliency"`` (``fusion.losses.saliency_map``, the map the
+            runner also gives the fusion loss): ``"auto"`` (``batch["saliency"]``, else ``batch["mask"] > 0``
+            without ignored pixels, else the box mask of ``batch["boxes"]``, else the IR fallback "ir_saliency":
+            blurred IR, min–max normalised per image), or one of them forced: ``"saliency"``, ``"mask"``,
+            ``"boxes"``, ``"ir"``.
         saliency_sigma: Gaussian σ (pixels) of the IR fallback.
         ignore_index: mask value excluded from the mask-derived saliency.
         input_norm: normalisation of critic inputs (``"none"``: the [0, 1] image as BDL; ``"instance"``;
@@ -169,7 +169,7 @@ class CriticTask(Task):
     """
 
     name = "critic"
-    needs = frozenset({"ir", "vis"})  # plus "saliency"/"mask" on instances that force that saliency source
+    needs = frozenset({"ir", "vis"})  # plus "saliency"/"mask"/"boxes" on instances that force that source
 
     def __init__(self, arch: str = "pixel", loss: str = "wgan", real: str = "saliency", *, space: str = "y",
                  norm: str = "batch", ndf: int = 64, n_layers: int = 3, groups: int = 32, gp_weight: float = 0.0,
@@ -196,7 +196,7 @@ class CriticTask(Task):
             self.critic = PixelCritic(in_channels, ndf=ndf, norm=norm, groups=groups)
         else:
             self.critic = PatchCritic(in_channels, ndf=ndf, n_layers=n_layers, norm=norm, groups=groups)
-        if real == "saliency" and saliency_source in ("saliency", "mask"):
+        if real == "saliency" and saliency_source in ("saliency", "mask", "boxes"):
             self.needs = CriticTask.needs | {saliency_source}
 
     def _space(self, image: Tensor) -> Tensor:
@@ -211,23 +211,16 @@ class CriticTask(Task):
         """Critic scores of a fused (or real) image in [0, 1]: (B, 1, H, W) for pixel, (B, 1, H', W') for patch."""
         return self.critic(self.prepare(fused))
 
+    @property
+    def saliency_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``fusion.losses.saliency_map`` this critic uses: a trainer passes the same
+        ones for the fusion loss's mask, so both weigh the sources with one map."""
+        return {"source": self.saliency_source, "sigma": self.saliency_sigma, "ignore_index": self.ignore_index}
+
     def saliency(self, batch: Mapping[str, Any], like: Tensor) -> Tensor:
-        """The weight map m (B, 1, H, W) in [0, 1] for ``real="saliency"`` (see ``saliency_source``)."""
-        source = self.saliency_source
-        if source == "auto":
-            source = next((k for k in ("saliency", "mask") if batch.get(k) is not None), "ir")
-        if source == "saliency":
-            m = batch["saliency"].to(like)
-            m = m.unsqueeze(1) if m.dim() == 3 else m
-        elif source == "mask":
-            mask = batch["mask"].to(like.device)
-            m = ((mask > 0) & (mask != self.ignore_index)).to(like.dtype).unsqueeze(1)
-        else:
-            m = saliency_fallback(batch["ir"].to(like), self.saliency_sigma)
-        if m.shape[0] != like.shape[0] or m.shape[1] != 1 or m.shape[-2:] != like.shape[-2:]:
-            raise ValueError(f"saliency map from {source!r} has shape {tuple(m.shape)}; expected "
-                             f"({like.shape[0]}, 1, {like.shape[-2]}, {like.shape[-1]})")
-        return m
+        """The weight map m (B, 1, H, W) in [0, 1] for ``real="saliency"``: ``fusion.losses.saliency_map`` with
+        :attr:`saliency_options`."""
+        return saliency_map(batch, like, **self.saliency_options)
 
     def real_sample(self, batch: Mapping[str, Any], like: Tensor) -> Tensor:
         """The "real" image T in [0, 1] in the critic's space, on ``like``'s device and dtype (no gradient)."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import io
 import threading
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from bilevel import BilevelStep, Constraint, UpperOutput
+from bilevel import BilevelStep, Constraint, UpperOutput, create_aggregator, list_aggregators
 from bilevel.registry import UnknownNameError
 
 DT = torch.float64
@@ -171,9 +172,15 @@ def test_image_path_equals_param_path(method, bn):
     (si, di, gi), (sp, dp, gp) = runs["image"], runs["param"]
     _assert_states(gi, gp, rtol=1e-9, atol=1e-12)
     _assert_states(_state(si), _state(sp), rtol=1e-9, atol=1e-12)
-    for key in ("loss/upper/critic", "loss/upper/seg", "agg/weight/seg", "agg/norm"):
-        assert di[key] == pytest.approx(dp[key], rel=1e-9)
+    _assert_same_diagnostics(di, dp)  # parameter-space norms and cosines on both paths
+    assert {"hypergrad/norm/seg", "hypergrad/cos/critic-seg"} <= set(di)
     assert abs(di["agg/norm"]) > 0
+
+
+def _assert_same_diagnostics(a: dict, b: dict, rel: float = 1e-9) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value == pytest.approx(b[key], rel=rel, abs=1e-12), key
 
 
 def test_image_path_equals_param_path_with_fusion_row_and_rlw():
@@ -188,17 +195,10 @@ def test_image_path_equals_param_path_with_fusion_row_and_rlw():
             diag = step.step(BATCHES)
         grads[path] = ([p.grad.clone() for p in s.upper.parameters()], diag)
     _assert_states(grads["image"][0], grads["param"][0], rtol=1e-9, atol=1e-12)
-    for name in ("critic", "seg", "fusion"):
-        assert grads["image"][1][f"agg/weight/{name}"] == pytest.approx(
-            grads["param"][1][f"agg/weight/{name}"]
-        )
-    assert "hypergrad/cos/critic-seg" in grads["param"][1]
-    # image-space cosines only for rows on the same batches: gn rows also live on the LL batch, `none` rows
-    # of the critic and the fusion loss both live on UL_C only
-    assert not any(k.startswith("hypergrad/cos/") for k in grads["image"][1])
-    s = base.clone()
-    diag = s.step(hypergrad="none", upper_loss=fusion_loss, aggregate="sum").step(BATCHES)
-    assert set(k for k in diag if k.startswith("hypergrad/cos/")) == {"hypergrad/cos/critic-fusion"}
+    _assert_same_diagnostics(grads["image"][1], grads["param"][1])
+    # every pair, also rows that live on different streams (gn rows: LL and UL batches; fusion: UL_C only)
+    cos = {k for k in grads["image"][1] if k.startswith("hypergrad/cos/")}
+    assert cos == {"hypergrad/cos/critic-seg", "hypergrad/cos/critic-fusion", "hypergrad/cos/seg-fusion"}
 
 
 def _gn_reference_rows(ref):
@@ -310,14 +310,78 @@ def test_state_dict_round_trip_resumes_rlw_sequence():
     _assert_states(_state(a), _state(b), rtol=1e-9, atol=1e-12)
 
 
-def test_gramian_aggregator_switches_to_param_path_and_weights_change_update():
-    s = Setup()
-    with pytest.warns(UserWarning, match="param"):
-        step = s.step(hypergrad="gn", aggregate="mgda", aggregate_options={})
-    assert step.path == "param"
-    diag = step.step(BATCHES)
-    assert diag["agg/weight/critic"] + diag["agg/weight/seg"] == pytest.approx(1.0)
-    # weights are applied: different fixed weights give different updates (no aliasing)
+# Every registered aggregator, with the options that make it non-trivial for K = 3 rows (critic, seg, fusion).
+AGGREGATORS = {
+    "sum": {},
+    "mean": {},
+    "fixed": {"weights": [0.3, 0.7, 0.5]},
+    "bdl_released": {},
+    "rlw": {"seed": 4},
+    "gradnorm_softmax": {"tau": 0.5},
+    "dwa": {"T": 0.1},
+    "uw": {"lr": 0.5},
+    "mgda": {"iters": 2000, "tol": 1e-12},
+    "pcgrad": {"seed": 2},
+    "cagrad": {"c": 0.5},
+}
+# CAGrad's w* minimises a function that is flat near its minimiser: the solver compares objective values, which
+# pin w* down only to ~√eps ≈ 1e-8 (an ulp-level change of the Gramian moves it by ~1e-9), on either path.
+AGG_RTOL = {"cagrad": 1e-6}
+
+
+def test_aggregator_table_covers_the_registry():
+    assert set(AGGREGATORS) == set(list_aggregators())
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_aggregator_image_path_equals_param_path(name):
+    """Fast path == parameter path for every rule: same weights, same update, over three upper steps (so the
+    stateful rules — dwa's loss ratios, uw's log-variances, the rlw/pcgrad generators — move too)."""
+    base = Setup(bn=True)
+    runs = {}
+    for path in ("image", "param"):
+        s = base.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every rule runs on either path: no warning, no switch
+            step = s.step(
+                hypergrad="gn", path=path, upper_loss=fusion_loss, aggregate=name,
+                aggregate_options=AGGREGATORS[name],
+            )
+            diags = [step.step(BATCHES) for _ in range(3)]
+        assert step.path == path and all(d["upper_step"] == 1.0 for d in diags)
+        runs[path] = (diags, [p.grad.clone() for p in s.upper.parameters()], _state(s), step.state)
+    (di, gi, si, sti), (dp, gp, sp, stp) = runs["image"], runs["param"]
+    rtol = AGG_RTOL.get(name, 1e-9)
+    for a, b in zip(di, dp):
+        _assert_same_diagnostics(a, b, rel=rtol)
+    _assert_states(gi, gp, rtol=rtol, atol=1e-12)
+    _assert_states(si, sp, rtol=rtol, atol=1e-12)
+    assert sti.keys() == stp.keys()
+    weights = [[d[f"agg/weight/{k}"] for k in ("critic", "seg", "fusion")] for d in di]
+    if name in ("gradnorm_softmax", "dwa", "uw", "rlw", "mgda", "cagrad"):  # weights that move or are unequal
+        assert len({tuple(w) for w in weights}) > 1 or len(set(weights[-1])) > 1
+
+
+@pytest.mark.parametrize("name", ["gradnorm_softmax", "mgda", "pcgrad", "cagrad"])
+def test_image_path_weights_come_from_exact_parameter_rows(name):
+    """The rules that read the rows get the Gramian of the hand-written parameter-space gn rows (plain autograd
+    on the real modules, independent of the step and the estimators), not image-space statistics."""
+    base = Setup()
+    rows = _gn_reference_rows(base.clone())
+    ref_d, ref_w = create_aggregator(name, **AGGREGATORS[name])([tuple(r) for r in rows])
+    s = base.clone()
+    diag = s.step(hypergrad="gn", aggregate=name, aggregate_options=AGGREGATORS[name]).step(BATCHES)
+    w = torch.tensor([diag["agg/weight/critic"], diag["agg/weight/seg"]], dtype=DT)
+    rtol = AGG_RTOL.get(name, 1e-9)
+    torch.testing.assert_close(w, ref_w, rtol=rtol, atol=1e-12)
+    _assert_states([p.grad for p in s.upper.parameters()], list(ref_d), rtol=rtol, atol=1e-12)
+    for i, k in enumerate(("critic", "seg")):
+        norm = float(torch.cat([t.reshape(-1) for t in rows[i]]).norm())
+        assert diag[f"hypergrad/norm/{k}"] == pytest.approx(norm, rel=1e-9)
+
+
+def test_weights_change_the_update():
+    """No aliasing: different fixed weights give different updates."""
     base = Setup()
     grads = []
     for w in ([0.2, 0.8], [0.8, 0.2]):
@@ -325,6 +389,18 @@ def test_gramian_aggregator_switches_to_param_path_and_weights_change_update():
         t.step(hypergrad="gn", aggregate="fixed", aggregate_options={"weights": w}).step(BATCHES)
         grads.append(torch.cat([p.grad.reshape(-1) for p in t.upper.parameters()]))
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("reduce", [None, lambda t: t.clone()], ids=["single", "reduce"])
+def test_parameters_no_row_reaches_keep_grad_none_on_the_image_path(reduce):
+    """An upper parameter outside every graph gets no ``.grad`` (the optimiser skips it, no weight decay)."""
+    s = Setup()
+    s.upper.unused = nn.Parameter(torch.ones(3, dtype=DT))
+    s.reset_optim()
+    diag = s.step(hypergrad="gn", reduce=reduce).step(BATCHES)
+    assert diag["upper_step"] == 1.0
+    assert s.upper.unused.grad is None
+    assert all(p.grad is not None for n, p in s.upper.named_parameters() if n != "unused")
 
 
 def test_single_level_grad_clip_and_defaults():
@@ -548,8 +624,8 @@ def test_aux_image_path_equals_param_path(method, with_loss):
     _assert_states(si, sp, rtol=1e-9, atol=1e-12)
     for key in ("loss/upper/fusion", "loss/aux/balance", "loss/aux/sparsity", "agg/norm"):
         assert di[key] == pytest.approx(dp[key], rel=1e-9)
-    if not with_loss:  # the image-space statistic of an aux-only row is ‖∂upper_loss/∂value‖ = 0
-        assert di["hypergrad/norm/fusion"] == 0.0 and dp["hypergrad/norm/fusion"] > 0
+    _assert_same_diagnostics(di, dp)
+    assert di["hypergrad/norm/fusion"] > 0  # the row's parameter-space norm includes ∇ₓ Σ aux
 
 
 @pytest.mark.parametrize("path", ["image", "param"])

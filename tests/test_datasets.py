@@ -264,7 +264,8 @@ def test_pairs_ab_scene_folders_mixed_case_and_modes(tmp_path: Path) -> None:
     _img(tmp_path / "s1" / "S1_B.jpg", 1)  # MEFB has such case differences (Farmhouse_A / FarmHouse_B)
     _img(tmp_path / "s2" / "s2_A.png", 2, channels=1)
     _img(tmp_path / "s2" / "s2_B.png", 3, channels=1)
-    ds = create_dataset("mef", tmp_path)
+    assert create_dataset("mef", tmp_path)[1]["ir"].shape == (3, H, W)      # default: RGB, so batches stack
+    ds = create_dataset("mef", tmp_path, a_mode="keep", vis_mode="keep")
     assert len(ds) == 2 and [r.name for r in ds.records] == ["s1", "s2"]
     assert ds[0]["ir"].shape == (3, H, W) and ds[1]["ir"].shape == (1, H, W)  # stored modes kept
     grey = create_dataset("mff", tmp_path, a_mode="grey", vis_mode="grey")
@@ -517,3 +518,32 @@ def test_shared_mef_mff(shared_data, name: str, count: int) -> None:
     assert all(r.ir.stem.lower().endswith("_a") and r.vis.stem.lower().endswith("_b") for r in ds.records)
     s = ds[0]
     assert s["ir"].shape[-2:] == s["vis"].shape[-2:]
+
+
+# ----------------------------------------------------------------------------------------- decoded once
+def test_in_memory_serves_exactly_the_samples_and_crops_of_the_files(tmp_path: Path) -> None:
+    from fusion.data import InMemory, SyntheticScenes
+
+    _pairs(tmp_path, "ir", "vi", ["a", "b", "c"])
+    _mask(tmp_path / "labels" / "a.png", np.full((H, W), 3))
+    disk = create_dataset("folder", tmp_path, "all")
+    cached = InMemory(disk)
+    assert len(cached) == 3 and cached.nbytes == 0                        # nothing decoded up front
+    for i in range(3):
+        for key in ("ir", "vis"):
+            assert torch.equal(cached[i][key], disk[i][key]) and cached[i][key].dtype == torch.float32
+    assert cached.nbytes == 3 * H * W * (1 + 3)                           # 8-bit files kept as uint8
+    crop = RandomCropFlip(8)
+    a = list(make_loader(disk, 2, seed=5, crop=crop.crop, num_steps=3))
+    b = list(make_loader(cached, 2, seed=5, crop=crop.crop, num_steps=3))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("ir", "vis"))
+    first = cached[0]["ir"].clone()
+    (tmp_path / "ir" / "a.png").unlink()
+    assert torch.equal(cached[0]["ir"], first)                            # from memory: the file is not read again
+    with pytest.raises(ImagePairError):
+        disk[0]
+
+    scenes = SyntheticScenes(split="train", size=24, length=4)          # rendered, not 8-bit: kept as float32
+    bank = InMemory(scenes)
+    assert all(torch.equal(bank[i][k], scenes[i][k]) for i in range(4) for k in ("ir", "vis", "mask"))
+    assert bank[0]["mask"].dtype == torch.int64 and bank.has_masks and bank.class_names == scenes.class_names

@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bilevel", "fusion", "tasks", "experiments")
-# Markdown files the code *writes* (experiments/evaluate.py, experiments/tables.py), not citations.
-OUTPUT_NAMES = frozenset({"table.md", "tables.md"})
+# Markdown files the code *writes* (evaluate.py, tables.py, ablate.py), not citations.
+OUTPUT_NAMES = frozenset({"table.md", "tables.md", "ablation.md"})
 
 _CODE_CITATION = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)(?!\w)(?P<sections>(?:,?\s*§\s*[0-9][0-9.a-z]*)*)")
 _LINK = re.compile(r"\]\(\s*([^)\s#]+\.md)(?:#[^)\s]*)?\s*\)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from experiments import evaluate as ev
+from fusion.image_io import ImagePairError
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -114,13 +114,10 @@ def test_fused_root_profile_and_bad_metric(folders):
                             profile="vifb", metrics="VIF", progress=False)
 
 
-def test_small_images_give_nan_for_ms_ssim(folders):
-    with pytest.warns(UserWarning, match="MS_SSIM"):
-        res = ev.evaluate_folders(folders / "ir", folders / "vi", {"avg": folders / "fused" / "avg"},
-                                  metrics="EN,MS_SSIM", progress=False)
-    assert all(math.isnan(r["MS_SSIM"]) for r in res.rows)
-    assert "MS_SSIM" in res.failures
-    assert "–" in ev.markdown_table(res)
+def test_images_too_small_for_ms_ssim_are_refused_before_scoring(folders):
+    with pytest.raises(ImagePairError, match="161 pixels.*MS_SSIM"):
+        ev.evaluate_folders(folders / "ir", folders / "vi", {"avg": folders / "fused" / "avg"},
+                            metrics="EN,MS_SSIM", progress=False)
 
 
 @pytest.mark.parity

@@ -115,7 +115,9 @@ EVALUATE_CASES = {
     "missing vi folder": (dict(vi="nowhere"), "nowhere"),
     "ir folder is a file": (dict(ir="afile"), "afile"),
     "out is a file": (dict(out="afile"), "afile"),
-    "out is a non-empty folder": (dict(out="ir"), "non-empty"),
+    "out is a non-empty folder": (dict(out="res"), "non-empty"),
+    "out is an input folder": (dict(out="ir"), "input folder"),
+    "out inside a method folder": (dict(out="fused/m/eval"), "input folder"),
     "duplicate method": (dict(fused=("m=fused/m", "m=fused/m")), "'m'"),
     "malformed --fused": (dict(fused=("m",)), "NAME=DIR"),
     "unknown metric": (dict(extra=("--metrics", "NOPE")), "NOPE"),
@@ -193,6 +195,7 @@ FUSE_CASES = {
     "empty vi folder": (dict(vi="emptydir"), "emptydir"),
     "out is a file": (dict(out="afile"), "afile"),
     "out is the ir folder": (dict(out="ir"), "input folder"),
+    "out is the vi folder": (dict(out="vi"), "input folder"),
     "outputs exist": (dict(out="fused/m"), "--skip-existing"),
     "strip target exists": (dict(extra=("--strip", "good.pt")), "good.pt"),
     "bias on a net without it": (dict(extra=("--bias-alpha", "2")), "TC-MoA"),
@@ -286,14 +289,14 @@ def test_interrupted_fuse_is_finished_by_skip_existing(world, tmp_path, monkeypa
     argv = ["--checkpoint", str(world / "good.pt"), "--ir", str(world / "ir"), "--vi", str(world / "vi")]
     assert fuse.main([*argv, "--out", str(tmp_path / "whole")]) == 0       # the oracle: an uninterrupted run
 
-    real, calls = fuse.fuse_pair, []
+    real, calls = fuse.Fuser.__call__, []
 
-    def dies_on_second(net, ir, vis):
+    def dies_on_second(self, ir, vis):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(net, ir, vis)
-    monkeypatch.setattr(fuse, "fuse_pair", dies_on_second)
+        return real(self, ir, vis)
+    monkeypatch.setattr(fuse.Fuser, "__call__", dies_on_second)
     out = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         fuse.main([*argv, "--out", str(out)])

@@ -152,7 +152,8 @@ def test_console_scripts_point_at_callables() -> None:
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    assert set(scripts) == {"fusion-run", "fusion-fuse", "fusion-evaluate", "fusion-tables", "fusion-bench"}
+    assert set(scripts) == {"fusion-run", "fusion-fuse", "fusion-evaluate", "fusion-tables", "fusion-bench",
+                            "fusion-ablate", "fusion-import-weights"}
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name

@@ -262,3 +262,18 @@ def test_loss_is_fp32_under_bf16_autocast(name):
         under_amp = loss(fused, ir, vis)["loss"]
     assert under_amp.dtype == torch.float32
     torch.testing.assert_close(under_amp, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_detail_and_contrast_terms_are_optional_parts_of_any_preset() -> None:
+    from fusion.losses import create_fusion_loss, gradient_max_loss, intensity_loss
+
+    g = torch.Generator().manual_seed(0)
+    fused, ir, vis = (torch.rand(2, 1, 24, 24, generator=g) for _ in range(3))
+    plain = create_fusion_loss("bdl")(fused, ir, vis)
+    assert "detail" not in plain and "contrast" not in plain
+    rich = create_fusion_loss("bdl", detail=10.0, contrast=2.0)(fused, ir, vis)
+    torch.testing.assert_close(rich["detail"], gradient_max_loss(fused, ir, vis))
+    torch.testing.assert_close(rich["contrast"], intensity_loss(fused, ir, vis, "max"))
+    torch.testing.assert_close(rich["loss"], plain["loss"] + 10.0 * rich["detail"] + 2.0 * rich["contrast"])
+    # the fused image equal to the brighter source with its edges costs no contrast
+    assert float(create_fusion_loss("moe", contrast=1.0)(torch.maximum(ir, vis), ir, vis)["contrast"]) == 0.0

@@ -312,3 +312,33 @@ def test_devices(device):
         assert torch.allclose(dev[n].cpu(), cpu[n], rtol=1e-5, atol=1e-8), n
     vifb = compute_metrics(f.to(device), a.to(device), b.to(device), list_metrics("vifb"), profile="vifb")
     assert all(v.shape == (2,) for v in vifb.values())
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_separable_filter_matches_2d_correlation(step):
+    """The shift-and-add filter equals SciPy's direct 2-D 'valid' correlation with k ⊗ k (then decimated)."""
+    from scipy.signal import correlate2d
+
+    from fusion.metrics._utils import gaussian_1d, separable_filter
+
+    x = torch.rand(2, 3, 37, 41, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 255
+    k = gaussian_1d(9, 1.8)
+    got = separable_filter(x, k, step=step)
+    k2 = (k[:, None] * k[None, :]).numpy()
+    for i in range(2):
+        for c in range(3):
+            ref = correlate2d(x[i, c].numpy(), k2, mode="valid")[::step, ::step]
+            assert got[i, c].numpy() == pytest.approx(ref, rel=1e-12, abs=1e-10)
+
+
+def test_compute_metrics_chunks_give_the_batch_values(monkeypatch):
+    """CPU chunking of distinct pairs (forced to one pair per chunk) changes no value."""
+    from fusion.metrics import registry
+
+    monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 1)
+    f, a, b = textured(seed=35, batch=3), textured(seed=36, batch=3), textured(seed=37, batch=3)
+    names = ["EN", "MI", "VIF", "Qabf", "SSIM"]
+    chunked = compute_metrics(f, a, b, names, profile="cddfuse")
+    whole = {n: get_metric(n)(f, a, b, profile="cddfuse") for n in names}
+    for n in names:
+        assert torch.allclose(chunked[n], whole[n], rtol=1e-13, atol=0), n

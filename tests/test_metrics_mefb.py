@@ -607,3 +607,12 @@ def test_mefb_on_a_real_pair():
     out = M.compute_metrics(0.5 * (a + b), a, b, profile="mefb")
     assert list(out) == list(M.MEFB_METRICS)
     assert all(torch.isfinite(v).all() for v in out.values()), out
+
+
+@pytest.mark.parametrize("values", [[3.0, 1.0, 2.0], [4.0, 1.0, 3.0, 2.0], [2.0, 2.0, 1.0, 5.0], [7.0, 7.0, 7.0, 7.0],
+                                    [1.0, 9.0, 9.0, 9.0, 0.0, 3.0]])
+def test_matlab_median_is_numpy_median(values):
+    """Qp's noise estimate: the one-selection median (even counts: the upper middle found from the lower one)
+    equals NumPy's median, repeated middle values included."""
+    v = torch.tensor(values, dtype=torch.float64)
+    assert phase._matlab_median(v).item() == np.median(values)

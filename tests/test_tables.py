@@ -112,3 +112,8 @@ def test_rank_table_ranks_each_variant_among_the_others(runs, capsys) -> None:
     assert "2 other methods" in t.caption
     assert tables.main([str(p) for p in runs] + ["--rank", "ours,nobody"]) == 2
     assert "no method named nobody" in capsys.readouterr().err
+
+
+def test_no_folders_and_no_paper_is_an_error_line(capsys) -> None:
+    assert tables.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: give run directories")

@@ -2,14 +2,15 @@
 
 One job per module: ``registry`` (names -> datasets), ``base`` (:class:`FusionDataset`, :class:`Record`),
 ``transforms`` (:class:`Resize`, :class:`RandomCropFlip`, :class:`Compose`), ``labels`` (class tables,
-mask and VOC readers), ``folders`` (the public folder layouts), ``synthetic`` (procedural RGB-T scenes) and
-``sampling`` (:class:`StepSampler`, the collate functions, :func:`make_loader`). Importing the package
-registers the built-in datasets; see ``docs/data.md``.
+mask and VOC readers), ``folders`` (the public folder layouts), ``synthetic`` (procedural RGB-T scenes),
+``sampling`` (:class:`StepSampler`, the collate functions, :func:`make_loader`) and ``cache`` (:class:`InMemory`,
+a training set decoded once). Importing the package registers the built-in datasets; see ``docs/data.md``.
 """
 
 from fusion.data.registry import create_dataset, list_datasets, register_dataset
 from fusion.data.base import FusionDataset, Record
-from fusion.data.folders import FMB, LLVIP, M3FD, MSRS, TNO, VIFB, FolderPairs, MFNet, PairsAB, RoadScene
+from fusion.data.cache import InMemory, stored_nbytes
+from fusion.data.folders import FMB, LLVIP, M3FD, MFF, MSRS, TNO, VIFB, FolderPairs, MFNet, PairsAB, RoadScene
 from fusion.data.labels import FMB_CLASSES, IGNORE_INDEX, LLVIP_CLASSES, M3FD_CLASSES, MSRS_CLASSES, read_voc
 from fusion.data.sampling import StepSampler, collate_pairs, make_loader, pad_collate, unpad
 from fusion.data.synthetic import SyntheticScenes, render_scene
@@ -23,9 +24,12 @@ __all__ = [
     "IGNORE_INDEX",
     "FusionDataset",
     "Record",
+    "InMemory",
+    "stored_nbytes",
     "Transform",
     "FolderPairs",
     "PairsAB",
+    "MFF",
     "RoadScene",
     "TNO",
     "VIFB",

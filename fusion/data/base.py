@@ -33,6 +33,11 @@ class FusionDataset(Dataset):
         det_class_names: detection class names (index = label), or None.
         has_masks, has_boxes: whether samples carry ``mask`` / ``boxes`` + ``labels``.
         ignore_index: mask value to ignore (255).
+        fusion_task: what kind of fusion the pairs are for: "vif" (infrared/visible, the default), "mef"
+            (multi-exposure) or "mff" (multi-focus). The runner picks a general-fusion net's router and the
+            task's loss from it (TC-MoA: ``docs/methods.md``).
+        default_holdout: ``data.holdout`` the runner uses when the config sets none (0 = none). A dataset
+            without splits declares one so that its test pairs are never training pairs.
     """
 
     class_names: tuple[str, ...] | None = None
@@ -40,6 +45,8 @@ class FusionDataset(Dataset):
     has_masks: bool = False
     has_boxes: bool = False
     ignore_index: int = IGNORE_INDEX
+    fusion_task: str = "vif"
+    default_holdout: int = 0
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform

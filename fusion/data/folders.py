@@ -42,7 +42,7 @@ from fusion.image_io import (
     to_single_channel,
 )
 
-__all__ = ["FolderPairs", "RoadScene", "TNO", "VIFB", "MSRS", "FMB", "M3FD", "LLVIP", "MFNet", "PairsAB",
+__all__ = ["FolderPairs", "RoadScene", "TNO", "VIFB", "MSRS", "FMB", "M3FD", "LLVIP", "MFNet", "PairsAB", "MFF",
            "msrs_person8"]
 
 
@@ -85,6 +85,7 @@ class FolderPairs(FusionDataset):
         size_policy: "error" | "resize" | "crop" for IR/visible size mismatches (see ``fusion.image_io``).
         vis_mode: "keep" | "grey" | "rgb" for the visible channels.
         ignore_unknown: skip VOC objects whose class is not in ``det_class_names`` instead of raising.
+        stretch16: stretch each 16-bit image's min–max to [0, 1] (raw sensor counts; ``fusion.image_io``).
         transform: callable ``(sample, generator) -> sample`` (e.g. :class:`RandomCropFlip`).
     """
 
@@ -99,9 +100,10 @@ class FolderPairs(FusionDataset):
                  class_names: Sequence[str] | None = None, det_class_names: Sequence[str] | None = None,
                  mask_values: Mapping[int, int] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  size_policy: str = "error", vis_mode: str = "keep", ignore_unknown: bool = False,
-                 transform: Transform | None = None) -> None:
+                 stretch16: bool = False, transform: Transform | None = None) -> None:
         super().__init__(transform)
         self.root = _root(root, type(self).__name__)
+        self.stretch16 = stretch16
         self.split = None if split in (None, "all") else split
         self.size_policy, self.vis_mode, self.ignore_unknown = size_policy, vis_mode, ignore_unknown
         self.extensions = tuple(extensions)
@@ -206,7 +208,8 @@ class FolderPairs(FusionDataset):
         return len(self.records)
 
     def _read_sources(self, record: Record) -> tuple[Tensor, Tensor]:
-        return read_pair(record.ir, record.vis, size_policy=self.size_policy, vis_mode=self.vis_mode)
+        return read_pair(record.ir, record.vis, size_policy=self.size_policy, vis_mode=self.vis_mode,
+                         stretch16=self.stretch16)
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -299,7 +302,7 @@ class MFNet(FolderPairs):
         return [(p.stem, p, p) for p in files]
 
     def _read_sources(self, record: Record) -> tuple[Tensor, Tensor]:
-        rgbt = read_image(record.ir, keep_alpha=True)
+        rgbt = read_image(record.ir, keep_alpha=True, stretch16=self.stretch16)
         if rgbt.shape[0] != 4:
             raise ImagePairError(f"MFNet image {record.ir} has {rgbt.shape[0]} channels; expected 4 (R, G, B, T)")
         vis = rgbt[:3]
@@ -316,19 +319,27 @@ class PairsAB(FusionDataset):
     ``<name>_B.<ext>`` either in per-scene subfolders (MEFB/MFIFB: ``<scene>/<scene>_A.JPG``,
     ``<scene>/<scene>_B.jpg``) or flat in ``root``. Suffixes and extensions are compared case-insensitively.
 
-    The samples keep the contract's keys: ``ir`` holds source A and ``vis`` source B. Unlike infrared, source A
-    keeps its stored channels by default (``a_mode="keep"``) because MEF/MFF sources are usually colour; pass
-    ``a_mode="grey"`` for a one-channel A (luminance) or ``"rgb"``. ``vis_mode`` does the same for B. Mixed
-    grey/RGB pairs (some MFF sets) need a common mode to be batched.
+    The samples keep the contract's keys: ``ir`` holds source A and ``vis`` source B. Both sources are RGB by
+    default (``a_mode="rgb"``, ``vis_mode="rgb"``; a grey file is repeated to three channels), so that the
+    mixed grey/colour pairs of MFF sets batch together; ``"keep"`` keeps the stored channels and ``"grey"``
+    gives one channel (luminance).
+
+    Registered as ``mef`` and ``pairs_ab`` (``fusion_task = "mef"``) and, through :class:`MFF`, as ``mff``.
+    These benchmarks have no splits: ``default_holdout = 10`` makes the runner hold out every 10th pair for
+    testing (and every 10th offset by 5 for the upper level) unless ``data.holdout`` says otherwise.
     """
 
+    fusion_task = "mef"
+    default_holdout = 10
+
     def __init__(self, root: str | os.PathLike, split: str | None = None, *, a_suffix: str = "_A",
-                 b_suffix: str = "_B", a_dir: str = "A", b_dir: str = "B", a_mode: str = "keep",
-                 vis_mode: str = "keep", size_policy: str = "error", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 transform: Transform | None = None) -> None:
+                 b_suffix: str = "_B", a_dir: str = "A", b_dir: str = "B", a_mode: str = "rgb",
+                 vis_mode: str = "rgb", size_policy: str = "error", extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 stretch16: bool = False, transform: Transform | None = None) -> None:
         super().__init__(transform)
         # these benchmarks have no splits; ``split`` is kept for the registry API
         self.root, self.split = _root(root, "PairsAB"), split
+        self.stretch16 = stretch16
         self.a_mode, self.vis_mode, self.size_policy = a_mode, vis_mode, size_policy
         for mode in (a_mode, vis_mode):
             if mode not in ("keep", "grey", "rgb"):
@@ -386,7 +397,7 @@ class PairsAB(FusionDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        a, b = read_image(record.ir), read_image(record.vis)
+        a, b = read_image(record.ir, stretch16=self.stretch16), read_image(record.vis, stretch16=self.stretch16)
         a = {"keep": a, "grey": to_single_channel(a), "rgb": a.expand(3, -1, -1).contiguous()
              if a.shape[0] == 1 else a}[self.a_mode]
         b = {"keep": b, "grey": to_single_channel(b), "rgb": b.expand(3, -1, -1).contiguous()
@@ -395,12 +406,18 @@ class PairsAB(FusionDataset):
         return {"name": record.name, "ir": a, "vis": b}
 
     def __repr__(self) -> str:
-        return f"PairsAB(root={str(self.root)!r}, n={len(self)})"
+        return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self)})"
+
+
+class MFF(PairsAB):
+    """Multi-focus pairs (MFIFB layout): :class:`PairsAB` for the ``mff`` task (router and loss)."""
+
+    fusion_task = "mff"
 
 
 for _name, _cls in (("folder", FolderPairs), ("roadscene", RoadScene), ("tno", TNO), ("vifb", VIFB),
                     ("msrs", MSRS), ("mfnet", MFNet), ("fmb", FMB), ("m3fd", M3FD), ("llvip", LLVIP),
-                    ("pairs_ab", PairsAB), ("mef", PairsAB), ("mff", PairsAB)):
+                    ("pairs_ab", PairsAB), ("mef", PairsAB), ("mff", MFF)):
     register_dataset(_name)(_cls)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from bilevel.registry import lookup
 from fusion.data.base import FusionDataset
 
-__all__ = ["register_dataset", "create_dataset", "list_datasets"]
+__all__ = ["create_dataset", "dataset_attribute", "list_datasets", "register_dataset"]
 
 DatasetFactory = Callable[..., FusionDataset]
 _REGISTRY: dict[str, DatasetFactory] = {}
@@ -54,3 +54,15 @@ def create_dataset(name: str, root: str | os.PathLike | None = None, split: str 
     factory = lookup(_REGISTRY, "dataset", name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return factory(root, split, **kwargs)
+
+
+def dataset_attribute(name: str, attr: str) -> Any:
+    """A class attribute of the registered dataset ``name`` (e.g. ``fusion_task``, ``default_holdout``), read
+    without building it. A factory function answers :class:`FusionDataset`'s default unless it carries the
+    attribute itself.
+
+    Raises:
+        bilevel.registry.UnknownNameError: unknown name.
+    """
+    factory = lookup(_REGISTRY, "dataset", name)
+    return getattr(factory, attr, getattr(FusionDataset, attr))

@@ -57,7 +57,14 @@ from fusion.metrics.structural import mef_ssim, ms_ssim, q0, qe, qw, ssim, vif, 
 from fusion.metrics.windowed import qc, qy
 
 _NOT_IMPLEMENTED = {
-    "FMI_wavelet": (True, "needs the 62-tap discrete Meyer (dmey) filter bank of MATLAB's dwt2, not available here"),
+    "FMI_wavelet": (
+        True,
+        (
+            "needs MATLAB's tabulated 102-tap discrete Meyer (dmey) filters for dwt2; the published FIR "
+            "constructions of the Meyer wavelet reproduce them only to 4-5 digits (PyWavelets PR #311), and no "
+            "wavelet package is a dependency"
+        ),
+    ),
 }
 for _name, (_hib, _why) in _NOT_IMPLEMENTED.items():
     register_unimplemented(_name, higher_is_better=_hib, reason=_why)

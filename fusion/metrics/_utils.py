@@ -62,13 +62,41 @@ def filter64(x: Tensor, k1d: Tensor, mode: str = "valid") -> Tensor:
     return fft_filter_valid(k1d, tuple(x.shape[-2:]), x.device)(x)
 
 
+def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
+    """'valid' correlation of (…, H, W) images with ``k1d ⊗ k1d`` by shift-and-add, in the dtype of ``x``.
+
+    Keeps every ``step``-th output row and column (``step=2``: filter-and-decimate computes only the kept
+    outputs). Round-off is local to each window, as in MATLAB's ``filter2`` (FFT round-off scales with the
+    whole image). On CPU it filters one plane at a time so that each stays in cache: in float64 this is
+    ~3× faster than both the FFT and PyTorch's depthwise convolution.
+    """
+    taps = k1d.tolist()
+    n = len(taps)
+    h, w = x.shape[-2:]
+    ho, wo = (h - n) // step + 1, (w - n) // step + 1
+    span_h, span_w = step * (ho - 1) + 1, step * (wo - 1) + 1
+    planes = x.reshape(-1, h, w)
+    out = torch.empty(planes.shape[0], ho, wo, dtype=x.dtype, device=x.device)
+    pairs = zip(out.unbind(0), planes.unbind(0)) if x.device.type == "cpu" else [(out, planes)]
+    cols = None
+    for dst, src in pairs:
+        cols = torch.mul(src[..., 0:span_h:step, :], taps[0], out=cols)
+        for i in range(1, n):
+            cols.add_(src[..., i : i + span_h : step, :], alpha=taps[i])
+        torch.mul(cols[..., 0:span_w:step], taps[0], out=dst)
+        for i in range(1, n):
+            dst.add_(cols[..., i : i + span_w : step], alpha=taps[i])
+    return out.reshape(*x.shape[:-2], ho, wo)
+
+
 def box_filter_valid(x: Tensor, n: int) -> Tensor:
-    """n×n moving average, 'valid', by running sums (O(1) per pixel, float64-accurate)."""
+    """n×n moving average, 'valid', in float64: window sums by :func:`separable_filter`, then ÷ n².
+
+    The sums are exact on integer-valued data (the uint8 profiles), so flat windows give exactly zero
+    variances.
+    """
     x = x.to(torch.float64)
-    c = F.pad(torch.cumsum(x, dim=-2), (0, 0, 1, 0))
-    x = c[..., n:, :] - c[..., :-n, :]
-    c = F.pad(torch.cumsum(x, dim=-1), (1, 0))
-    return (c[..., n:] - c[..., :-n]) / (n * n)
+    return separable_filter(x, torch.ones(n, dtype=torch.float64)).div_(n * n)
 
 
 def fft_filter_valid(k1d: Tensor, size: tuple[int, int], device: torch.device) -> Callable[[Tensor], Tensor]:

@@ -15,9 +15,10 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.metrics._utils import channel_mean, filter64, gaussian_1d
+from fusion.metrics._utils import channel_mean, gaussian_1d, separable_filter
 from fusion.metrics.profiles import prepare
 from fusion.metrics.registry import register_metric
 
@@ -71,10 +72,19 @@ def _filters(rows: int, cols: int, device: str) -> tuple[Tensor, Tensor, Tensor,
 
 
 def _matlab_median(v: Tensor) -> Tensor:
-    """Median of a flat tensor, averaging the two middle values for even counts (MATLAB ``median``)."""
+    """Median of a flat tensor, averaging the two middle values for even counts (MATLAB ``median``).
+
+    The upper middle value of an even count is the k-th value again if it repeats, else the smallest
+    value above it: one selection instead of two.
+    """
     n = v.numel()
-    lo = torch.kthvalue(v, (n + 1) // 2).values
-    return lo if n % 2 else (lo + torch.kthvalue(v, n // 2 + 1).values) / 2
+    k = (n + 1) // 2
+    lo = torch.kthvalue(v, k).values
+    if n % 2:
+        return lo
+    above = v > lo
+    hi = torch.where(above, v, torch.full_like(v, float("inf"))).amin() if int(above.sum()) == n - k else lo
+    return (lo + hi) / 2
 
 
 def phase_congruency(im: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,8 +95,10 @@ def phase_congruency(im: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     total_energy = torch.zeros(rows, cols, dtype=torch.float64, device=im.device)
     total_an = torch.zeros_like(total_energy)
     covx2, covy2, covxy = torch.zeros_like(total_energy), torch.zeros_like(total_energy), torch.zeros_like(total_energy)
+    spectrum_ri = torch.view_as_real(spectrum)
     for o in range(NORIENT):
-        eo = torch.fft.ifft2(spectrum * bank[o])  # (S, H, W)
+        # the bank is real: scale real and imaginary parts instead of promoting it to complex (same values)
+        eo = torch.fft.ifft2(torch.view_as_complex(spectrum_ri * bank[o][..., None]))  # (S, H, W)
         even, odd = eo.real, eo.imag
         amp = eo.abs()
         sum_an = amp.sum(0)
@@ -121,7 +133,8 @@ def _feature_agreement(x1: Tensor, x2: Tensor, xmax: Tensor, xf: Tensor, masks: 
     x1, x2, xmax = x1 * m1, x2 * m2, xmax * m3
     win = gaussian_1d(11, 1.5, device=x1.device)
     stack = torch.stack([x1, x2, xmax, xf, x1 * x1, x2 * x2, xmax * xmax, xf * xf, x1 * xf, x2 * xf, xmax * xf])
-    mu1, mu2, mum, muf, e11, e22, emm, eff, e1f, e2f, emf = filter64(stack, win, "same")
+    stack = F.pad(stack, (5, 5, 5, 5))  # 'same' with zero borders (filter2)
+    mu1, mu2, mum, muf, e11, e22, emm, eff, e1f, e2f, emf = separable_filter(stack, win)
     var_f = eff - muf * muf
     c = 1e-4
     res = []

@@ -145,14 +145,14 @@ def shared_preparation() -> Iterator[None]:
         _CACHE.reset(token)
 
 
-def _quantise(x: Tensor) -> Tensor:
-    """uint8 conversion of 0–255 data: clamp, then round halves up (values are non-negative)."""
-    return torch.floor(x.clamp(0, 255) + 0.5)
+def _quantise_(x: Tensor) -> Tensor:
+    """uint8 conversion of 0–255 data in place (callers pass fresh tensors): clamp, round halves up."""
+    return x.clamp_(0, 255).add_(0.5).floor_()
 
 
 def matlab_rgb2gray(x: Tensor) -> Tensor:
     """MATLAB ``rgb2gray`` of a uint8 image on the 0–255 scale: weighted sum, rounded to uint8; grey stays."""
-    return _quantise(_grey(x, _MATLAB_GRAY)) if x.shape[1] == 3 else x
+    return _quantise_(_grey(x, _MATLAB_GRAY)) if x.shape[1] == 3 else x
 
 
 def prepare(profile: str | Profile, *images: Tensor) -> tuple[Tensor, ...]:
@@ -190,7 +190,7 @@ def _prepare(prof: Profile, images: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     for x in xs:
         x = x.to(device=device, dtype=torch.float64) * 255.0
         if prof.quantise:
-            x = _quantise(x)
+            x = _quantise_(x)
         out.append(x)
     if prof.colour == "rgb":
         if any(x.shape[1] == 3 for x in out):

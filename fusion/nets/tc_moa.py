@@ -22,7 +22,10 @@ mixture give prompts p_x, p_y = sigmoid(channel mean); h = p⊙f + S (learnable 
 parameters); f_TC = ConvFusion(h_x + h_y) (1×1, 3×3, 1×1, no bias); f′ = α·f_TC + (1 − α)·f with a learnable α
 (init 0.5); decoder modules optionally re-standardise f′ to f's per-sample mean and std.
 
-Runtime controls: ``forward(ir, vis, task="vif"|"mef"|"mff" or an index, bias_alpha=None, bias_beta=None)``.
+Runtime controls: ``forward(ir, vis, task=None|"vif"|"mef"|"mff"|an index, bias_alpha=None, bias_beta=None)``;
+``task=None`` uses the net's default router ``task`` (a constructor argument, so a checkpoint keeps it; the
+runner sets it from its data's task with :meth:`TCMoANet.select_task`, so ``fuse.py`` on the checkpoint uses
+the router it was trained with).
 The intensity-bias control is the paper's Eq. 8 with μ = 0.5, p′_x = μ + α(p_x − μ) + β, p′_y = μ + α(p_y −
 μ) − β, applied to the prompts of every module (:func:`apply_intensity_bias`); α = 1, β = 0 is the identity.
 The net's ``bias_alpha``/``bias_beta`` attributes (constructor arguments, so a checkpoint keeps them) are the
@@ -396,6 +399,7 @@ class TCMoANet(nn.Module):
         upsample: bilinear input upsampling factor (2) before patching.
         tau, moa_offset: insertion rule (i + offset) mod τ = τ − 1.
         tasks: router names (one router per task; the count is free).
+        task: the default router, used when ``forward`` gets no ``task`` (one of ``tasks``).
         num_experts, top_k: shared adapters and adapters kept per token (4, 2).
         combine: "sum" or "logspace" adapter mixing.
         decoder_restandardize: re-standardise decoder modules' outputs (code 2025; not in the paper).
@@ -430,6 +434,7 @@ class TCMoANet(nn.Module):
         tau: int = 4,
         moa_offset: int = 2,
         tasks: tuple[str, ...] = TASKS,
+        task: str = "vif",
         num_experts: int = 4,
         top_k: int = 2,
         combine: str = "sum",
@@ -457,6 +462,7 @@ class TCMoANet(nn.Module):
         self.patch_size, self.window_size, self.upsample = patch_size, window_size, upsample
         self.shift_windows, self.shift_mask, self.pos_grid = shift_windows, shift_mask, pos_grid
         self.tasks, self.mir, self.balance_weight = tuple(tasks), mir, balance_weight
+        self.task = self.tasks[self._task_index(task)]
         self.backbone = MAEBackbone(
             patch_size, embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads, mlp_ratio
         )
@@ -540,6 +546,16 @@ class TCMoANet(nn.Module):
             )
         return result
 
+    def select_task(self, task: str) -> None:
+        """Make ``task`` the default router, also in ``.config`` so that a checkpoint rebuilds the net with it.
+
+        Raises:
+            ValueError: the net has no router named ``task``.
+        """
+        self.task = self.tasks[self._task_index(task)]
+        if isinstance(getattr(self, "config", None), dict):
+            self.config["task"] = self.task
+
     def _task_index(self, task: str | int) -> int:
         if isinstance(task, int):
             if not 0 <= task < len(self.tasks):
@@ -594,7 +610,7 @@ class TCMoANet(nn.Module):
         self,
         ir: Tensor,
         vis: Tensor,
-        task: str | int = "vif",
+        task: str | int | None = None,
         bias_alpha: float | Tensor | None = None,
         bias_beta: float | Tensor | None = None,
     ) -> dict:
@@ -603,7 +619,7 @@ class TCMoANet(nn.Module):
         Args:
             ir: (B, 1|3, H, W), the y source (IR, or the second exposure/focus image).
             vis: (B, 1|3, H, W), the x source, decoded into the output.
-            task: router to use ("vif", "mef", "mff", or an index).
+            task: router to use ("vif", "mef", "mff", or an index); ``None``: the net's ``task``.
             bias_alpha, bias_beta: α, β of Eq. 8 for this call (floats or per-sample (B,) tensors); ``None``
                 uses the net's ``bias_alpha``/``bias_beta`` attributes.
 
@@ -614,7 +630,7 @@ class TCMoANet(nn.Module):
             raise ValueError(
                 f"expected ir and vis (B, 1|3, H, W) of equal size, got {tuple(ir.shape)}, {tuple(vis.shape)}"
             )
-        t = self._task_index(task)
+        t = self._task_index(self.task if task is None else task)
         alpha = self.bias_alpha if bias_alpha is None else bias_alpha
         beta = self.bias_beta if bias_beta is None else bias_beta
         if self.training or not self.tile_size:

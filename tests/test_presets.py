@@ -1,0 +1,210 @@
+"""Every preset trains (warm-up and at least one bi-level upper step) and evaluates at its own crop, batch and nets.
+
+Real data from ../shared/data where it exists (RoadScene, MEF, MFF, MSRS person masks); otherwise a generated
+fixture of the dataset's folder layout with realistic, mixed image sizes (MFNet, MSRS, FMB, M3FD, LLVIP). Only
+the number of iterations is reduced (``--iters 2``, one of them warm-up), so a preset that cannot run at its
+real sizes on its real layout fails here, not on a user's GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import run
+from experiments.presets import get_preset, list_presets
+
+# Sizes as the datasets ship them (H, W), mixed within a dataset.
+MFNET_SIZES = ((480, 640), (360, 480))
+M3FD_SIZES = ((768, 1024), (480, 640))
+LLVIP_SIZES = ((512, 640), (384, 480))        # LLVIP ships 1024x1280; half size keeps CPU tests short
+MSRS_SIZES = ((480, 640), (360, 480))
+FMB_SIZES = ((600, 800), (480, 640))
+SPLITS = {"train": 4, "val": 2, "test": 2}
+
+
+def _scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An IR/visible pair with a few bright rectangles and their class mask (values 0..8)."""
+    h, w = size
+    ir = rng.integers(20, 80, (h, w), dtype=np.uint8)
+    vis = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    boxes = []
+    for cls in rng.integers(1, 9, 3):
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        y1, x1 = y0 + int(rng.integers(h // 8, h // 3)), x0 + int(rng.integers(w // 8, w // 3))
+        ir[y0:y1, x0:x1] = 220
+        vis[y0:y1, x0:x1] = rng.integers(120, 255, 3)
+        mask[y0:y1, x0:x1] = cls
+        boxes.append((int(cls), (x0, y0, x1, y1)))
+    return ir, vis, mask, boxes
+
+
+def _voc(path: Path, size: tuple[int, int], objects: list[tuple[str, tuple[int, int, int, int]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                   f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in objects)
+    path.write_text(f"<annotation><size><width>{size[1]}</width><height>{size[0]}</height></size>{body}"
+                    "</annotation>")
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _samples(sizes):
+    """(split, stem, size) for every fixture sample: the sizes alternate within each split."""
+    for k, (split, n) in enumerate(SPLITS.items()):
+        for i in range(n):
+            yield split, f"{split}{i:03d}", sizes[(i + k) % len(sizes)]
+
+
+def write_mfnet(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, stem, size in _samples(MFNET_SIZES):
+        ir, vis, mask, _ = _scene(rng, size)
+        _save(root / "images" / f"{stem}.png", np.dstack([vis, ir]), "RGBA")
+        _save(root / "labels" / f"{stem}.png", mask)
+        with open(root / f"{split}.txt", "a") as f:
+            f.write(stem + "\n")
+    return root
+
+
+def _write_split_folders(root: Path, sizes, seed: int, ir: str, vis: str, labels: str) -> Path:
+    """``<split>/{ir,vis,labels}`` with train and test only (MSRS, FMB ship no val split)."""
+    rng = np.random.default_rng(seed)
+    for split, stem, size in _samples(sizes):
+        split = "train" if split == "val" else split
+        ir_img, vis_img, mask, _ = _scene(rng, size)
+        _save(root / split / ir / f"{stem}.png", ir_img)
+        _save(root / split / vis / f"{stem}.png", vis_img)
+        _save(root / split / labels / f"{stem}.png", mask)
+    return root
+
+
+def write_msrs(root: Path) -> Path:
+    return _write_split_folders(root, MSRS_SIZES, 1, "ir", "vi", "Segmentation_labels")
+
+
+def write_fmb(root: Path) -> Path:
+    return _write_split_folders(root, FMB_SIZES, 2, "Infrared", "Visible", "Label")
+
+
+def write_m3fd(root: Path) -> Path:
+    from fusion.data import M3FD_CLASSES
+
+    rng = np.random.default_rng(3)
+    for split, stem, size in _samples(M3FD_SIZES):
+        ir, vis, _, boxes = _scene(rng, size)
+        _save(root / "Ir" / f"{stem}.png", ir)
+        _save(root / "Vis" / f"{stem}.png", vis)
+        _voc(root / "Annotation" / f"{stem}.xml", size, [(M3FD_CLASSES[c % len(M3FD_CLASSES)], b) for c, b in boxes])
+        with open(root / f"{split}.txt", "a") as f:
+            f.write(stem + "\n")
+    return root
+
+
+def write_llvip(root: Path) -> Path:
+    rng = np.random.default_rng(4)
+    for split, stem, size in _samples(LLVIP_SIZES):
+        split = "train" if split == "val" else split          # LLVIP ships train and test only
+        ir, vis, _, boxes = _scene(rng, size)
+        _save(root / "infrared" / split / f"{stem}.jpg", ir)
+        _save(root / "visible" / split / f"{stem}.jpg", vis)
+        _voc(root / "Annotations" / f"{stem}.xml", size, [("person", b) for _, b in boxes])
+    return root
+
+
+FIXTURES = {"mfnet": write_mfnet, "msrs": write_msrs, "fmb": write_fmb, "m3fd": write_m3fd, "llvip": write_llvip}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str) -> dict[str, float]:
+    """Two iterations of ``preset`` (the second a bi-level step unless the preset is fusion-only) + evaluation."""
+    cfg = get_preset(preset)
+    warmup = ["--set", "train.warmup_iters=1"] if cfg.train.warmup_iters else []
+    result = run.main(["--preset", preset, "--iters", "2", *warmup, "--out", str(tmp_path / "runs"),
+                       "--wandb", "disabled", "--device", "cpu", "--set", "log.progress=False", *extra])
+    exp = result.experiment
+    assert result.steps == 2
+    assert exp.cfg.data.crop == cfg.data.crop and exp.cfg.train.batch == cfg.train.batch
+    assert exp.cfg.net == cfg.net and exp.cfg.tasks == cfg.tasks
+    metrics = result.metrics
+    assert metrics and all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("eval/critic"))
+    if cfg.constraints:
+        upper = [line for line in (result.run_dir / "metrics.csv").read_text().splitlines()[1:]]
+        assert upper, "no training row logged"
+    return metrics
+
+
+def _needs_shared(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"../shared/data/{name} not present")
+    return path
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if p.startswith("synthetic_")])
+def test_synthetic_presets(tmp_path: Path, preset: str) -> None:
+    _train_and_evaluate(tmp_path, preset)
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if "roadscene" in p])
+def test_roadscene_presets_on_real_roadscene(tmp_path: Path, preset: str) -> None:
+    metrics = _train_and_evaluate(tmp_path, preset, "--data-root", str(_needs_shared("roadscene")))
+    assert "eval/mIoU" in metrics and "eval/EN" in metrics
+
+
+@pytest.mark.parametrize("data", ["mfnet", "msrs", "fmb"])
+def test_bdl_mfnet_seg_on_segmentation_layouts(tmp_path: Path, data: str) -> None:
+    root = FIXTURES[data](tmp_path / data)
+    metrics = _train_and_evaluate(tmp_path, "bdl_mfnet_seg", "--data", data, "--data-root", str(root))
+    assert 0.0 <= metrics["eval/mIoU"] <= 1.0
+
+
+@pytest.mark.parametrize("data", ["m3fd", "llvip"])
+def test_bdl_m3fd_det_on_detection_layouts(tmp_path: Path, data: str) -> None:
+    root = FIXTURES[data](tmp_path / data)
+    metrics = _train_and_evaluate(tmp_path, "bdl_m3fd_det", "--data", data, "--data-root", str(root))
+    assert 0.0 <= metrics["eval/mAP50"] <= 1.0
+
+
+def _folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    rng = np.random.default_rng(5)
+    for i, size in enumerate(sizes):
+        ir, vis, _, _ = _scene(rng, size)
+        _save(root / "ir" / f"p{i:02d}.png", ir)
+        _save(root / "vi" / f"p{i:02d}.png", vis)
+    return root
+
+
+def test_crop_sizes_are_checked_against_the_data_before_training(tmp_path: Path, capsys, caplog) -> None:
+    root = _folder(tmp_path / "pairs", [(64, 80)] * 5 + [(20, 30)])
+    argv = ["--task", "fusion", "--data", "folder", "--data-root", str(root), "--set", "data.holdout=3",
+            "--iters", "1", "--batch", "2", "--out", str(tmp_path / "runs"), "--wandb", "disabled"]
+    assert run.cli([*argv, "--crop", "96"]) == 2                  # 20 px → 96 px: a 4.8x upscale
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.crop=96") and "'p05'" in err[0] and "4.8x" in err[0]
+    assert not (tmp_path / "runs").exists()                       # refused before a run directory exists
+    root = _folder(tmp_path / "ok", [(64, 80)] * 6)
+    argv[argv.index(str(tmp_path / "pairs"))] = str(root)
+    capsys.readouterr()
+    assert run.cli([*argv, "--crop", "72"]) == 2          # VIF needs 65 px sides: refused before training
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "VIF" in err[0] and "eval.metrics" in err[0] and "p00.png" in err[0]
+    assert not (tmp_path / "runs").exists()
+    assert run.cli([*argv, "--crop", "72", "--set", "eval.metrics=('EN','SD')", "--set", "eval.max_images=1"]) == 0
+    assert any("smaller than the 72 px crop" in r.getMessage() for r in caplog.records)     # 64 → 72 px: said
+
+
+def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
+    """The 8 real MSRS pairs with person masks: segmentation labels, and the saliency map of loss and critic."""
+    root = _needs_shared("msrs_person8")
+    metrics = _train_and_evaluate(tmp_path, "bdl_mfnet_seg", "--data", "msrs_person8", "--data-root", str(root),
+                                  "--set", "data.holdout=4")
+    assert 0.0 <= metrics["eval/mIoU"] <= 1.0
