@@ -1,7 +1,7 @@
 """Does the bi-level coupling help? A preset and its ablations over N seeds, at equal budget, in one table.
 
-    python experiments/ablate.py --preset recipe_roadscene_seg --data-root ../shared/data/roadscene \\
-        --vifb ../shared/data/vifb --seeds 3 --out ablations/recipe
+    python experiments/ablate.py --preset recipe_roadscene_seg --data-root $DATA/roadscene \\
+        --vifb $DATA/vifb --seeds 3 --out ablations/recipe
 
 Variants (each a plain ``run.py`` command, printed in the table so every row can be reproduced by hand):
 

@@ -1,7 +1,7 @@
 """Evaluate fused images against their source pairs with the fusion metrics.
 
-    python experiments/evaluate.py --ir ../shared/data/vifb/ir --vi ../shared/data/vifb/vi \\
-        --fused ADF=../shared/data/vifb/fused/ADF CNN=../shared/data/vifb/fused/CNN \\
+    python experiments/evaluate.py --ir $DATA/vifb/ir --vi $DATA/vifb/vi \\
+        --fused ADF=$DATA/vifb/fused/ADF CNN=$DATA/vifb/fused/CNN \\
         --profile vifb --out outputs/eval_vifb
     python experiments/evaluate.py --ir IR --vi VI --fused-root FUSED_ROOT --metrics EN,SD,MI,SSIM --out OUT
     python experiments/evaluate.py --pairs MEF_PAIRS --fused-root FUSED_ROOT --profile mefb --out OUT

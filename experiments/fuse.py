@@ -1,7 +1,7 @@
 """Fuse a folder of infrared/visible pairs with a trained checkpoint.
 
     python experiments/fuse.py --checkpoint outputs/seg/<run>/checkpoints/best.pt \\
-        --ir ../shared/data/vifb/ir --vi ../shared/data/vifb/vi --out fused/ours
+        --ir $DATA/vifb/ir --vi $DATA/vifb/vi --out fused/ours
 
 Pairs are matched by file stem (``fusion.image_io.match_pairs``). The net sees the IR image and the visible
 image as stored; a luminance output gets its colour back from the visible image (``fusion.colour.to_image``,

@@ -9,7 +9,7 @@ data; their published numbers live in ``experiments/paper_values/*.csv``.
 Usage::
 
     python experiments/run.py --preset bdl_m3fd_det --data-root /data/M3FD
-    python experiments/run.py --preset bdl_roadscene_seg --data-root ../shared/data/roadscene
+    python experiments/run.py --preset bdl_roadscene_seg --data-root $DATA/roadscene
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def bdl_roadscene_seg() -> RunConfig:
     """Our first real result (issue 7): BDL's net, critic on real RoadScene, segmenter on synthetic scenes.
 
     The critic constraint sees real RoadScene pairs (``--data-root`` = the RoadScene folder, e.g.
-    ``../shared/data/roadscene``; RoadScene has no splits, so ``data.holdout=10`` holds out every 10th pair
+    ``$DATA/roadscene``; RoadScene has no splits, so ``data.holdout=10`` holds out every 10th pair
     by sorted name for testing and every 10th pair offset by 5 for the upper level), the
     segmentation constraint labelled synthetic RGB-T scenes (per-constraint data). ``gn`` hypergradient,
     the dynamic ``gradnorm_softmax`` aggregation, bf16 autocast, fusion loss with the IR-saliency fallback

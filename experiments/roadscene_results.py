@@ -1,6 +1,6 @@
 """Regenerate ``results/`` from the committed RoadScene checkpoints (issue 7), on CPU in fp32.
 
-    python experiments/roadscene_results.py --data ../shared/data --out results --overwrite
+    python experiments/roadscene_results.py --data $DATA --out results --overwrite
 
 For each checkpoint (default: the three of ``checkpoints/``, named by file stem) this runs the commands a user
 would run by hand — ``experiments/fuse.py`` on the 21 VIFB pairs and on the held-out RoadScene test split
@@ -73,7 +73,7 @@ def _publish(eval_dir: Path, out: Path, ranked: Sequence[str], overwrite: bool) 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="folder holding vifb/ and roadscene/ (e.g. ../shared/data)")
+    p.add_argument("--data", required=True, help="folder holding vifb/ and roadscene/ (e.g. $DATA, the folder that holds your datasets)")
     p.add_argument("--checkpoints", nargs="+", default=[str(c) for c in DEFAULT_CHECKPOINTS],
                    help="checkpoints to evaluate (method name = file stem)")
     p.add_argument("--out", default=str(ROOT / "results"), help="where the tables go")

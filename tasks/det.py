@@ -162,7 +162,7 @@ def _import_mmdet():
     except ImportError as exc:
         raise ImportError(
             "DetTask(backend='mmdet') needs mmdet 3.x, mmengine and mmcv 2.x (full, with ops). Install mmcv 2.1.0 "
-            "first (scripts/build_mmcv.sh or the wheel in ../shared/wheels), then `pip install -e .[mmdet]`; "
+            "first (scripts/build_mmcv.sh, or a prebuilt mmcv 2.1.0 wheel), then `pip install -e .[mmdet]`; "
             f"import failed with: {exc}") from exc
     register_all_modules(init_default_scope=True)
     return MODELS, DetDataSample, InstanceData, Config
