@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 from experiments.config import RunConfig
-from fusion.data import FusionDataset, InMemory, collate_pairs, create_dataset, make_loader, stored_nbytes
+from fusion.data import (
+    FusionDataset,
+    InMemory,
+    collate_pairs,
+    create_dataset,
+    list_datasets,
+    make_loader,
+    stored_nbytes,
+)
 from fusion.data.registry import dataset_attribute
 from fusion.image_io import image_size
 
@@ -158,7 +166,8 @@ def with_dataset_defaults(cfg: RunConfig) -> RunConfig:
     by :func:`check_held_out`)."""
     if cfg.data.holdout:
         return cfg
-    files = [n for n in component_names(cfg.data.name) if not is_generated(n)]
+    # unknown names are left to check_names, which reports them as config errors
+    files = [n for n in component_names(cfg.data.name) if not is_generated(n) and n in list_datasets()]
     defaults = {dataset_attribute(n, "default_holdout") for n in files}
     if len(defaults) != 1 or not next(iter(defaults)):
         return cfg

@@ -493,6 +493,10 @@ def evaluate_run(exp, run_dir: Path, method: str | None = None) -> dict[str, flo
 
     task_results: dict[str, dict[str, float]] = {}
     for k, task in exp.tasks.items():
+        if k in exp.untrained:    # an untrained constraint net's scores would be silently meaningless
+            print(f"note: the checkpoint holds no weights for constraint {k!r} (inference-only); its task "
+                  "metrics are not computed", flush=True)
+            continue
         key = "run" if exp.specs[k] == exp.specs["run"] else k
         if key not in fused_sets:
             fused_sets[key] = fused_test(exp.test_sets[k])
@@ -519,7 +523,8 @@ def evaluate_run(exp, run_dir: Path, method: str | None = None) -> dict[str, flo
                 "seg_convention": "MFNet confusion matrix over all test pixels; mIoU/mAcc = mean over all classes "
                                   "(unlabelled included), classes absent from ground truth and prediction left out",
                 "det_convention": "VOC AP@0.5 all-point interpolation (mAP50); COCO mAP@[.5:.95] via pycocotools",
-                "task_data": {k: exp.specs[k].name for k in exp.tasks}, "run_data": exp.specs["run"].name}
+                "task_data": {k: exp.specs[k].name for k in exp.tasks}, "run_data": exp.specs["run"].name,
+                "untrained_constraints": list(exp.untrained)}
         (eval_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     keys = list(results)
     print(f"\nEvaluation on the held-out {cfg.data.name} '{cfg.data.test_split}' split "

@@ -125,6 +125,7 @@ class Experiment:
     rank: int = 0
     nonfinite_total: int = 0
     best_val: float = math.inf
+    untrained: tuple[str, ...] = ()   # constraints whose weights an inference-only checkpoint did not hold
     task_losses: dict[str, nn.Module] = field(default_factory=dict)   # fusion task → its loss (loss_fn: primary's)
 
     # -- the maps every level shares
@@ -249,6 +250,7 @@ class Experiment:
                 load_weights(task, lower[k]["model"], f"{k} constraint from {source}")
             elif not weights_only:
                 raise ValueError(f"checkpoint has no state for constraint {k!r} (it holds {sorted(lower)})")
+        self.untrained = tuple(k for k in self.tasks if k not in lower)
         if weights_only:
             return int(ckpt.get("step", 0))
         for k in self.tasks:

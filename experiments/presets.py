@@ -266,6 +266,31 @@ def recipe_roadscene_seg() -> RunConfig:
     )
 
 
+@register_preset
+def tc_moa_general() -> RunConfig:
+    """TC-MoA (Zhu et al., CVPR 2024) as general fusion: one model, one router per task (docs/methods.md §4).
+
+    ``--data-root`` holds ``vifb/``, ``mef/`` and ``mff/``; every iteration draws a batch of 3 of each and fuses
+    it with its task's router and loss (``tc_moa_vif``/``_mef``/``_mff``, weights ``loss.task_weights``).
+    The paper's recipe otherwise: 448 px crops, AdamW 1.5e-4 (weight decay 0.05, betas 0.9/0.95), cosine
+    schedule, no constraint; every 10th pair held out (the benchmarks here have no splits). Load the MAE
+    backbone with ``--set net.kwargs.backbone_ckpt=PATH``.
+    """
+    return RunConfig(
+        name="tc_moa_general",
+        task="fusion",
+        data=DataConfig(name="vifb+mef+mff", crop=448, holdout=10),
+        net=NetConfig(name="tc_moa"),
+        loss=LossConfig(name="tc_moa_vif"),
+        bilevel=BilevelConfig(hypergrad="none", aggregate="sum", ul_every=1),
+        train=TrainConfig(iters=4000, warmup_iters=0, batch=3, ul_batch=3, amp="bf16", ckpt_every=500,
+                          upper_optim=OptimConfig(name="adamw", lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                                                  schedule="cosine")),
+        eval=EvalConfig(batch=1),
+        log=LogConfig(log_every=25, image_every=500),
+    )
+
+
 # ------------------------------------------------------------------------------------------ smoke
 def smoke(cfg: RunConfig) -> RunConfig:
     """``--smoke``: tiny nets, 32 px synthetic scenes, 3 iterations on CPU; what the tests run.

@@ -4,6 +4,7 @@ committed ``results/vifb/per_image.csv`` values for that pair."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,7 @@ def test_committed_checkpoint_evaluates_on_a_fresh_clone(ckpt: Path, shared_data
         expected = next(r for r in csv.DictReader(fh) if r["image"] == row["image"] and r["method"] == ckpt.stem)
     for name in ("EN", "SD", "SF", "AG", "MI", "VIF", "Qabf", "SSIM"):
         assert float(row[name]) == pytest.approx(float(expected[name]), rel=1e-3, abs=1e-6), name
+    # inference-only: the constraint nets were not in the file, so no task metric is reported for them
+    meta = json.loads((result.run_dir / "eval" / "meta.json").read_text())
+    assert meta["untrained_constraints"] == sorted(result.experiment.tasks) != []
+    assert not any(k in result.metrics for k in ("eval/mIoU", "eval/critic/gap", "eval/mAP50"))
