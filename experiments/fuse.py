@@ -102,8 +102,9 @@ class Fuser:
     * ``amp="bf16"``: bfloat16 autocast (the fused image is returned in float32);
     * ``channels_last``: NHWC memory format, which cuDNN's fastest convolution kernels want;
     * ``compile``: a ``torch.compile`` mode; ``"reduce-overhead"`` also captures CUDA graphs, which removes
-      the kernel-launch cost that dominates a small net at batch 1. torch caches one compiled graph per input
-      size, so a folder of one camera's images compiles once (the first call of each size is slow).
+      the kernel-launch cost that dominates a small net at batch 1. The first input size compiles a graph
+      specialised to it (a folder of one camera's images compiles once); a second size makes torch compile
+      one shape-generic graph that serves every further size, so a mixed folder compiles twice, not per image.
 
     Example:
         >>> fuser = Fuser(load_fusion_net("best.pt", "cuda"), amp="bf16", compile="max-autotune")  # doctest: +SKIP
@@ -123,8 +124,7 @@ class Fuser:
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self._forward = (self._raw if compile == "none" else
-                         torch.compile(self._raw, mode=None if compile == "default" else compile, backend=backend,
-                                       dynamic=False))
+                         torch.compile(self._raw, mode=None if compile == "default" else compile, backend=backend))
 
     def _raw(self, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         extra = net_inputs(self.net, ir)
@@ -153,7 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (GPU); default fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                   help="torch.compile mode; 'reduce-overhead' adds CUDA graphs (one compile per image size)")
+                   help="torch.compile mode; 'reduce-overhead' adds CUDA graphs (a mixed-size folder compiles twice)")
     p.add_argument("--size-policy", default="error", choices=("error", "resize", "crop"),
                    help="what to do when the two images of a pair differ in size")
     p.add_argument("--stretch-16bit", action="store_true",
