@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fusion.colour import as_rgb
 from fusion.losses import mir_loss
@@ -412,6 +413,9 @@ class TCMoANet(nn.Module):
         bias_alpha, bias_beta: default α, β of the intensity-bias control (Eq. 8; 1, 0 = off).
         tile_size: largest tile side (pixels) of tiled inference in eval mode (448); 0 = never tile.
         tile_overlap: least overlap (pixels) of neighbouring tiles (112).
+        grad_checkpointing: recompute each ViT block's activations in the backward pass instead of keeping
+            them (``torch.utils.checkpoint``): with the ×2-upsampled token grid they are the bulk of training
+            memory. Same gradients, at the cost of one more forward of the blocks.
     """
 
     out_space = "rgb"
@@ -447,6 +451,7 @@ class TCMoANet(nn.Module):
         bias_beta: float = 0.0,
         tile_size: int = 448,
         tile_overlap: int = 112,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if combine not in ("sum", "logspace"):
@@ -459,6 +464,7 @@ class TCMoANet(nn.Module):
             )
         self.bias_alpha, self.bias_beta = bias_alpha, bias_beta
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.grad_checkpointing = grad_checkpointing
         self.patch_size, self.window_size, self.upsample = patch_size, window_size, upsample
         self.shift_windows, self.shift_mask, self.pos_grid = shift_windows, shift_mask, pos_grid
         self.tasks, self.mir, self.balance_weight = tuple(tasks), mir, balance_weight
@@ -593,13 +599,19 @@ class TCMoANet(nn.Module):
         balance = fx.new_zeros(())
         # the decoder's y branch only feeds the decoder modules: stop it after the last one
         y_until = len(blocks) if stage == "encoder" else max((int(k) for k in moa), default=-1)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            def run(blk, *args):    # the blocks draw no random numbers: recomputing them is exact
+                return checkpoint(blk, *args, use_reentrant=False)
+        else:
+            def run(blk, *args):
+                return blk(*args)
         for i, block in enumerate(blocks):
             rel = tables[i // 2][self.rel_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
             s = shift if i % 2 else 0
             m = mask if s else None
-            fx = block(fx, w, s, rel, m)
+            fx = run(block, fx, w, s, rel, m)
             if i <= y_until:
-                fy = block(fy, w, s, rel, m)
+                fy = run(block, fy, w, s, rel, m)
             if str(i) in moa:
                 fx, fy, info = moa[str(i)](fx, fy, task, bias_alpha, bias_beta)
                 balance = balance + info.pop("balance")
