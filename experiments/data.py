@@ -37,7 +37,6 @@ from fusion.data import (
     create_dataset,
     list_datasets,
     make_loader,
-    stored_nbytes,
 )
 from fusion.data.registry import dataset_attribute
 from fusion.image_io import image_size
@@ -195,8 +194,7 @@ class HoldoutSubset(FusionDataset):
     def __init__(self, base: FusionDataset, indices: Sequence[int], role: str, every: int):
         super().__init__(None)
         self.base, self.indices, self.role, self.every = base, list(indices), role, every
-        for attr in ("class_names", "det_class_names", "has_masks", "has_boxes", "ignore_index"):
-            setattr(self, attr, getattr(base, attr))
+        self.describe_as(base)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -323,9 +321,8 @@ def check_crop(dataset: FusionDataset, crop: int, name: str) -> None:
         return
     i, h, w = min(small, key=lambda s: min(s[1], s[2]))
     factor = crop / min(h, w)
-    label = dataset.load(i)["name"] if factor > MAX_UPSCALE else None
     if factor > MAX_UPSCALE:
-        raise DataError(f"data.crop={crop}: image {label!r} of stream {name} is {w}x{h} (WxH) and would be "
+        raise DataError(f"data.crop={crop}: image {dataset.load(i)['name']!r} of stream {name} is {w}x{h} (WxH) and would be "
                         f"upscaled {factor:.1f}x (more than {MAX_UPSCALE:g}x) to cover the crop; lower --crop "
                         "or leave such small images out")
     log.warning("stream %s: %d of %d images are smaller than the %d px crop (smallest %dx%d, WxH); they are "
@@ -350,8 +347,8 @@ class Streams:
     :data:`TASK_KEY`; a group (:meth:`add_group`) is a batch ``{GROUP_KEY: {component: batch}}`` of its
     members' batches of the same iteration.
 
-    Feeding the device: each stream's dataset is decoded (or rendered) once into memory while it fits the
-    ``data.cache_gb`` budget (:class:`fusion.data.InMemory`), batches are pinned when the device is a GPU, and
+    Feeding the device: each stream keeps its samples in memory after their first load (decoded or rendered
+    once) while it fits the ``data.cache_gb`` budget (:class:`fusion.data.InMemory`), batches are pinned when the device is a GPU, and
     :meth:`next` returns the batches prepared in a background thread during the previous iteration while it
     starts preparing the next ones, so the step never waits on data. None of this changes a batch: each is
     still a function of (seed, stream, rank, iteration).
@@ -371,17 +368,19 @@ class Streams:
         self._pending: Future | None = None
 
     def _in_memory(self, dataset: FusionDataset, name: str) -> FusionDataset:
-        """``dataset`` decoded into memory when it fits what is left of the ``data.cache_gb`` budget."""
+        """``dataset`` kept in memory (:class:`InMemory`) when it fits what is left of the ``data.cache_gb``
+        budget, estimated from its first sample as stored."""
         budget = self.cfg.data.cache_gb * 2**30 - self.cached_bytes
         if self.cfg.data.cache_gb <= 0 or len(dataset) == 0:
             return dataset
-        estimate = stored_nbytes(dataset.load(0)) * len(dataset)
+        cached = InMemory(dataset)
+        cached.load(0)
+        estimate = cached.nbytes * len(dataset)
         if estimate > budget:
             log.info("stream %s: %d pairs need about %.1f GiB decoded, over what is left of data.cache_gb=%g; "
                      "reading them from disk with loader workers", name, len(dataset), estimate / 2**30,
                      self.cfg.data.cache_gb)
             return dataset
-        cached = InMemory(dataset)
         self.cached_bytes += estimate
         log.info("stream %s: %d pairs kept in memory after their first load (about %.0f MiB)", name, len(cached),
                  estimate / 2**20)

@@ -27,7 +27,8 @@ from experiments.logging_utils import MetricsCSV, Tracker, image_panel, output_g
 from fusion.data import RandomCropFlip
 from tasks.base import eval_mode
 
-__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "check_finite", "first_nonfinite", "panel", "train", "validate"]
+__all__ = ["NonFiniteError", "RunInterrupted", "StopRequest", "check_finite", "first_nonfinite", "panel", "train",
+           "validate"]
 
 log = logging.getLogger(__name__)
 

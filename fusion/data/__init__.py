@@ -9,7 +9,7 @@ a training set decoded once). Importing the package registers the built-in datas
 
 from fusion.data.registry import create_dataset, list_datasets, register_dataset
 from fusion.data.base import FusionDataset, Record
-from fusion.data.cache import InMemory, stored_nbytes
+from fusion.data.cache import InMemory
 from fusion.data.folders import FMB, LLVIP, M3FD, MFF, MSRS, TNO, VIFB, FolderPairs, MFNet, PairsAB, RoadScene
 from fusion.data.labels import FMB_CLASSES, IGNORE_INDEX, LLVIP_CLASSES, M3FD_CLASSES, MSRS_CLASSES, read_voc
 from fusion.data.sampling import StepSampler, collate_pairs, make_loader, pad_collate, unpad
@@ -25,7 +25,6 @@ __all__ = [
     "FusionDataset",
     "Record",
     "InMemory",
-    "stored_nbytes",
     "Transform",
     "FolderPairs",
     "PairsAB",

@@ -47,9 +47,17 @@ class FusionDataset(Dataset):
     ignore_index: int = IGNORE_INDEX
     fusion_task: str = "vif"
     default_holdout: int = 0
+    DESCRIPTION = ("class_names", "det_class_names", "has_masks", "has_boxes", "ignore_index", "fusion_task",
+                   "default_holdout")
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform
+
+    def describe_as(self, base: FusionDataset) -> None:
+        """Take ``base``'s :attr:`DESCRIPTION` (labels, classes, fusion task): for datasets that wrap another
+        (subsets, caches), so that they answer every question about the data as ``base`` does."""
+        for attr in self.DESCRIPTION:
+            setattr(self, attr, getattr(base, attr))
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -21,9 +21,7 @@ from torch import Tensor
 
 from fusion.data.base import FusionDataset
 
-__all__ = ["InMemory", "sample_nbytes", "stored_nbytes"]
-
-_COPIED_ATTRS = ("class_names", "det_class_names", "has_masks", "has_boxes", "ignore_index", "records")
+__all__ = ["InMemory", "sample_nbytes"]
 
 
 def _pack_image(x: Tensor) -> Tensor:
@@ -65,11 +63,6 @@ def sample_nbytes(sample: dict[str, Any]) -> int:
     return total
 
 
-def stored_nbytes(sample: dict[str, Any]) -> int:
-    """Bytes ``sample`` takes once packed by :class:`InMemory` (8-bit images as uint8)."""
-    return sample_nbytes(_pack(sample))
-
-
 class InMemory(FusionDataset):
     """``base`` with every sample kept in memory after its first load; indexing and transforms behave exactly
     as on ``base``.
@@ -83,9 +76,7 @@ class InMemory(FusionDataset):
 
     def __init__(self, base: FusionDataset) -> None:
         super().__init__(base.transform)
-        for attr in _COPIED_ATTRS:
-            if hasattr(base, attr):
-                setattr(self, attr, getattr(base, attr))
+        self.describe_as(base)
         self.base = base
         self._samples: list[dict[str, Any] | None] = [None] * len(base)
 
