@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments.config import ConfigError
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
 from fusion.image_io import ImagePairError, image_size
@@ -427,20 +428,17 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapp
 def check_run_sizes(cfg, test_set) -> None:
     """Before training: the run's test images must fit the windows of ``eval.metrics`` (a result with NaN
     columns after hours of training is worse than an error now)."""
-    from experiments.data import image_files, is_generated
+    from experiments.data import image_files
 
-    if not cfg.eval.enabled:
+    if not cfg.eval.enabled or not len(test_set):
         return
     names = _resolve_metrics(list(cfg.eval.metrics), cfg.eval.profile)
-    if is_generated(cfg.data.name):
-        side = cfg.data.test_size or max(cfg.data.scene or cfg.data.crop, cfg.data.crop)
-        sizes = {f"{cfg.data.name} test scenes": (side, side)}
+    files = image_files(test_set)
+    if files is None:     # rendered scenes, all of one size: the dataset says which
+        sizes = {f"{cfg.data.name} test scenes": tuple(test_set.load(0)["ir"].shape[-2:])}
     else:
-        files = image_files(test_set) or []
         n = len(files) if cfg.eval.max_images is None else min(len(files), cfg.eval.max_images)
         sizes = {path: image_size(path) for path in files[:n]}
-    from experiments.config import ConfigError
-
     try:
         check_min_side(sizes, names, cfg.eval.profile, key="eval.metrics")
     except ImagePairError as err:
