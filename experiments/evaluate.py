@@ -428,15 +428,16 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, *, inputs: Mapp
 def check_run_sizes(cfg, test_set) -> None:
     """Before training: the run's test images must fit the windows of ``eval.metrics`` (a result with NaN
     columns after hours of training is worse than an error now)."""
-    from experiments.data import image_files
+    from experiments.data import image_files, is_generated
 
     if not cfg.eval.enabled or not len(test_set):
         return
     names = _resolve_metrics(list(cfg.eval.metrics), cfg.eval.profile)
     files = image_files(test_set)
-    if files is None:     # rendered scenes, all of one size: the dataset says which
+    if files is None and is_generated(cfg.data.name):   # rendered scenes, all of one size: the dataset says which
         sizes = {f"{cfg.data.name} test scenes": tuple(test_set.load(0)["ir"].shape[-2:])}
     else:
+        files = files or []
         n = len(files) if cfg.eval.max_images is None else min(len(files), cfg.eval.max_images)
         sizes = {path: image_size(path) for path in files[:n]}
     try:
