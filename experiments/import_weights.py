@@ -16,10 +16,11 @@ Kinds (nothing is downloaded: ``--src`` is a local file):
   ``cls_conv``/``reg_conv``) into torchvision's FCOS inside :class:`tasks.det.DetTask`. The released head
   scores its classes in the order of its dataset (Lamp, Car, Bus, Motorcycle, Truck, People; 80 channels of
   which the first 6 are used); the rows are reordered to the task's ``class_names`` and torchvision's
-  background row (class 0, which the task drops) is set to the prior bias. The released per-level
-  ``scale_exp`` has no counterpart: torchvision decodes boxes as relu(t)·stride where the released code uses
-  exp(s·t), so the regression outputs differ until the detector is fine-tuned (reported as ignored). The
-  released detector reads un-normalised [0, 1] images: build the task with ``input_norm="none"``. Writes the
+  background row (class 0, which the task drops) is set to the prior bias. The released head decodes
+  distances as exp(s_l·t) with a learned scale per level (``scale_exp``) from cell centres at
+  x·stride + ⌊stride/2⌋, so the task must be built with ``fcos_decode="exp"`` (this command does); the scales
+  load into it. The released detector reads un-normalised [0, 1] images: build the task with
+  ``input_norm="none"``. Writes the
   detector's plain state dict, which ``DetTask(weights=...)`` loads strictly.
 * ``tc_moa``: a TC-MoA checkpoint (``YangSun22/TC-MoA``, ``{"model": state}``; the old names that its
   ``main_predict_oldckp.py`` translates are translated the same way) into :class:`fusion.nets.tc_moa.TCMoANet`.
@@ -216,6 +217,8 @@ def _bdl_fcos_rules(own: dict[str, Tensor], class_names: Sequence[str]) -> list[
             rules.append(_rename(f"head.{'reg_pred' if m[1] == 'bbox_reg' else 'cnt_logits'}.{m[2]}", key))
         elif m := re.fullmatch(r"head\.classification_head\.cls_logits\.(weight|bias)", key):
             rules.append(_fcos_cls_rule(class_names, m[1]))
+        elif m := re.fullmatch(r"head\.regression_head\.scale_exp\.(\d)", key):
+            rules.append(_rename(f"head.scale_exp.{m[1]}.scale", key))
     return rules
 
 
@@ -293,16 +296,18 @@ def _fcos_target(task: nn.Module) -> nn.Module:
 
 
 def _fcos_check(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
-    """BatchNorm statistics cannot go into a GroupNorm backbone."""
+    """BatchNorm statistics cannot go into a GroupNorm backbone; learned scales need the exp decoding."""
+    if "head.scale_exp.0.scale" in state and "head.regression_head.scale_exp.0" not in own:
+        raise WeightImportError("the released detector decodes boxes as exp(s·t) with learned per-level scales; "
+                                "build the DetTask with fcos_decode='exp'")
     if "backbone.bn1.running_mean" in state and "backbone.body.bn1.running_mean" not in own:
         raise WeightImportError("the released detector's backbone has BatchNorm statistics; build the DetTask "
                                 "with norm='batch' or 'frozen', not 'group'")
 
 
 def _fcos_ignored(key: str, own: dict[str, Tensor]) -> bool:
-    """Per-level ``scale_exp`` (no torchvision counterpart); BatchNorm counters of a frozen-BN backbone."""
-    return bool(re.fullmatch(r"head\.scale_exp\.\d+\.scale", key)) or (
-        key.endswith("num_batches_tracked") and "backbone.body." + key[len("backbone."):] not in own)
+    """BatchNorm counters of a frozen-BN backbone."""
+    return key.endswith("num_batches_tracked") and "backbone.body." + key[len("backbone."):] not in own
 
 
 KINDS: dict[str, _Kind] = {
@@ -413,6 +418,7 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, dict | None]:
     if args.kind == "bdl_fcos":
         from tasks.det import M3FD_CLASSES, DetTask
 
+        kwargs = {"fcos_decode": "exp", **kwargs}
         return DetTask(args.det_model, class_names=M3FD_CLASSES, norm=args.det_norm, **kwargs), None
     from fusion.nets import create_fusion_net
 

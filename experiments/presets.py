@@ -185,7 +185,8 @@ def bdl_mfnet_seg() -> RunConfig:
 def bdl_m3fd_det() -> RunConfig:
     """BDL (Liu et al., IJCAI 2023) Fig. 1 / detection on M3FD, row "Ours" (VOC mAP@0.5 = 0.531).
 
-    Released-code recipe (method.md §4): DRDB fusion net, pixel critic + FCOS R50-FPN, 3600/600 train/test
+    Released-code recipe (method.md §4): DRDB fusion net, pixel critic + FCOS R50-FPN (the released head's
+    exp(s·t) box decoding), 3600/600 train/test
     pairs scaled to 360×270 (padded to 384×288), LL batch 2 / UL batch 4, SGD 2e-4 at both levels with a
     1000-step warm-up and ×0.1 at 30k/40k, an upper step every 10 iterations, released estimator and
     aggregation. Needs ``--data-root`` pointing at M3FD.
@@ -198,8 +199,8 @@ def bdl_m3fd_det() -> RunConfig:
         net=NetConfig(name="bdl"),
         loss=LossConfig(name="bdl"),
         tasks=TasksConfig(critic=TaskConfig(optim=ll),
-                          det=TaskConfig(kwargs={"model": "fcos_resnet50_fpn", "min_size": 270, "max_size": 360},
-                                         optim=ll)),
+                          det=TaskConfig(kwargs={"model": "fcos_resnet50_fpn", "min_size": 270, "max_size": 360,
+                                                 "fcos_decode": "exp"}, optim=ll)),
         bilevel=BilevelConfig(hypergrad="bdl_code", aggregate="bdl_released", ul_every=10),
         train=TrainConfig(iters=50_000, warmup_iters=0, batch=2, ul_batch=4, upper_optim=_bdl_ul_optim(),
                           seed=0, deterministic=True, ckpt_every=1000),

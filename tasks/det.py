@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tasks.base import Task, eval_mode, load_state_dict_file
 from tasks.metrics import coco_map, voc_ap
 
-__all__ = ["DET_NORMS", "M3FD_CLASSES", "MMDET_BUILTIN_CONFIGS", "TORCHVISION_DETECTORS", "DetTask"]
+__all__ = ["DET_NORMS", "FCOS_DECODES", "M3FD_CLASSES", "MMDET_BUILTIN_CONFIGS", "TORCHVISION_DETECTORS", "DetTask"]
 
 #: M3FD class order (its annotations' label ids 0..5).
 M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
@@ -42,6 +42,10 @@ TORCHVISION_DETECTORS = tuple(f"{d}_{b}_fpn" for d in ("fcos", "retinanet", "fas
                               for b in ("resnet18", "resnet34", "resnet50")) + ("fasterrcnn_mobilenet_v3_large_fpn",)
 MMDET_BUILTIN_CONFIGS = ("retinanet_r18_fpn", "fcos_r18_fpn")
 DET_NORMS = ("batch", "frozen", "group")
+#: FCOS box decodings: torchvision's relu(t)·stride, or the FCOS paper's exp(s_l·t) (BDL's released head).
+FCOS_DECODES = ("stride", "exp")
+#: strides of the FPN levels P3–P7 (torchvision's FCOS anchor sizes are the same numbers)
+_FCOS_STRIDES = (8, 16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------------------------------- torchvision
@@ -59,7 +63,7 @@ def _norm_layer(norm: str) -> Any:
 
 def _build_torchvision(name: str, num_classes: int, *, min_size: int, max_size: int, norm: str,
                        trainable_layers: int | None, fpn_channels: int, head_convs: int, score_thresh: float,
-                       nms_thresh: float, detections_per_img: int) -> nn.Module:
+                       nms_thresh: float, detections_per_img: int, fcos_decode: str = "stride") -> nn.Module:
     """Builds a randomly initialised torchvision detector with ``num_classes`` foreground classes (+1 background)."""
     import torchvision
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -102,8 +106,11 @@ def _build_torchvision(name: str, num_classes: int, *, min_size: int, max_size: 
         else LastLevelMaxPool())
     if detector == "fcos":
         head = FCOSHead(fpn_channels, 1, classes, num_convs=head_convs)
-        return FCOS(backbone, classes, head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                    detections_per_img=detections_per_img, **common)
+        anchors = None
+        if fcos_decode == "exp":
+            head.regression_head, anchors = _exp_fcos_parts(fpn_channels, head_convs)
+        return FCOS(backbone, classes, head=head, anchor_generator=anchors, score_thresh=score_thresh,
+                    nms_thresh=nms_thresh, detections_per_img=detections_per_img, **common)
     if detector == "retinanet":
         model = RetinaNet(backbone, classes, score_thresh=score_thresh, nms_thresh=nms_thresh,
                           detections_per_img=detections_per_img, **common)
@@ -111,6 +118,51 @@ def _build_torchvision(name: str, num_classes: int, *, min_size: int, max_size: 
         return model
     return FasterRCNN(backbone, classes, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
                       box_detections_per_img=detections_per_img, **common)
+
+
+def _exp_fcos_parts(in_channels: int, num_convs: int) -> tuple[nn.Module, nn.Module]:
+    """The regression head and anchors of the FCOS paper's decoding (``fcos_decode="exp"``).
+
+    Distances are exp(s_l·t) pixels with one learned scale s_l per level, from cell centres at
+    x·stride + ⌊stride/2⌋ — BDL's released detector (``ScaleExp``, ``coords_fmap2orig``). torchvision decodes
+    its regression output t as t·anchor size (= stride) from centres at x·stride, so the head hands it
+    exp(s_l·t)/stride and the anchors move by half a stride; training (GIoU on decoded boxes) and inference
+    then both see the released geometry.
+    """
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOSRegressionHead
+
+    class ExpRegressionHead(FCOSRegressionHead):
+        def __init__(self) -> None:
+            super().__init__(in_channels, 1, num_convs=num_convs)
+            self.scale_exp = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in _FCOS_STRIDES])
+
+        def forward(self, x: list[Tensor]) -> tuple[Tensor, Tensor]:
+            if len(x) != len(_FCOS_STRIDES):
+                raise ValueError(f"the exp FCOS decoding expects {len(_FCOS_STRIDES)} FPN levels, got {len(x)}")
+            regression, ctrness = [], []
+            for features, scale, stride in zip(x, self.scale_exp, _FCOS_STRIDES):
+                feature = self.conv(features)
+                n = feature.shape[0]
+                distances = torch.exp(self.bbox_reg(feature).float() * scale) / stride
+                regression.append(distances.permute(0, 2, 3, 1).reshape(n, -1, 4))
+                ctrness.append(self.bbox_ctrness(feature).permute(0, 2, 3, 1).reshape(n, -1, 1))
+            return torch.cat(regression, dim=1), torch.cat(ctrness, dim=1)
+
+    class CentredAnchors(AnchorGenerator):
+        """torchvision derives a level's stride from image size // grid size (96 for a 192 px side at P7);
+        the released code uses the nominal stride, as here."""
+
+        def grid_anchors(self, grid_sizes: list[list[int]], strides: list[list[Tensor]]) -> list[Tensor]:
+            anchors = []
+            for (h, w), stride, base in zip(grid_sizes, _FCOS_STRIDES, self.cell_anchors):
+                ys, xs = torch.meshgrid(torch.arange(h, device=base.device) * stride + stride // 2,
+                                        torch.arange(w, device=base.device) * stride + stride // 2, indexing="ij")
+                centres = torch.stack((xs, ys, xs, ys), dim=-1).reshape(-1, 4).to(base)
+                anchors.append(centres + base.view(1, 4))
+            return anchors
+
+    return ExpRegressionHead(), CentredAnchors(tuple((s,) for s in _FCOS_STRIDES), ((1.0,),) * len(_FCOS_STRIDES))
 
 
 @contextlib.contextmanager
@@ -297,6 +349,9 @@ class DetTask(Task):
         trainable_layers: torchvision backbone stages left trainable (default: all).
         fpn_channels: FPN width of ResNet backbones (256 as torchvision; smaller for tests).
         head_convs: convolutions per FCOS head branch (4 as torchvision) / mmdet built-in ``stacked_convs``.
+        fcos_decode: torchvision FCOS box distances: ``"stride"`` (torchvision's relu(t)·stride) or ``"exp"``
+            (exp(s_l·t) pixels with a learned scale per level, from cell centres at x·stride + ⌊stride/2⌋: the
+            FCOS paper and BDL's released detector, which ``import_weights.py --kind bdl_fcos`` needs).
         score_thresh, nms_thresh, detections_per_img: inference post-processing (BDL: score > 0.05, NMS 0.6).
         input_norm: ``"imagenet"``, ``"instance"`` or ``"none"`` (applied by :meth:`prepare`).
         iou_threshold: VOC matching threshold for :meth:`evaluate`.
@@ -310,7 +365,7 @@ class DetTask(Task):
                  weights: str | Path | None = None, min_size: int = 270, max_size: int = 360, norm: str = "batch",
                  trainable_layers: int | None = None, fpn_channels: int = 256, head_convs: int = 4,
                  score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
-                 input_norm: str = "imagenet", iou_threshold: float = 0.5) -> None:
+                 input_norm: str = "imagenet", iou_threshold: float = 0.5, fcos_decode: str = "stride") -> None:
         super().__init__(input_norm=input_norm)
         if class_names is None:
             class_names = M3FD_CLASSES if num_classes in (None, len(M3FD_CLASSES)) else \
@@ -321,6 +376,10 @@ class DetTask(Task):
             raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
         if norm not in DET_NORMS:
             raise ValueError(f"unknown backbone norm {norm!r}; expected one of {DET_NORMS}")
+        if fcos_decode not in FCOS_DECODES:
+            raise ValueError(f"unknown fcos_decode {fcos_decode!r}; expected one of {FCOS_DECODES}")
+        if fcos_decode != "stride" and not (backend == "torchvision" and str(model).startswith("fcos_")):
+            raise ValueError(f"fcos_decode={fcos_decode!r} applies to torchvision FCOS models, not {model!r}")
         self.model_name, self.backend = str(model), backend
         self.num_classes, self.class_names = num_classes, tuple(str(n) for n in class_names)
         self.iou_threshold = iou_threshold
@@ -328,7 +387,8 @@ class DetTask(Task):
         if backend == "torchvision":
             self.detector = _TorchvisionAdapter(_build_torchvision(
                 str(model), num_classes, min_size=min_size, max_size=max_size, norm=norm,
-                trainable_layers=trainable_layers, fpn_channels=fpn_channels, head_convs=head_convs, **post))
+                trainable_layers=trainable_layers, fpn_channels=fpn_channels, head_convs=head_convs,
+                fcos_decode=fcos_decode, **post))
         elif backend == "mmdet":
             self.detector = _MMDetAdapter(_build_mmdet(model, num_classes, fpn_channels=fpn_channels,
                                                        head_convs=head_convs, **post))

@@ -28,8 +28,9 @@ def _tc_moa_tiny():
         return create_fusion_net("tc_moa_tiny")
 
 
-def _fcos(norm: str = "batch") -> DetTask:
-    return DetTask("fcos_resnet18_fpn", class_names=M3FD_CLASSES, fpn_channels=32, head_convs=1, norm=norm)
+def _fcos(norm: str = "batch", decode: str = "exp") -> DetTask:
+    return DetTask("fcos_resnet18_fpn", class_names=M3FD_CLASSES, fpn_channels=32, head_convs=1, norm=norm,
+                   fcos_decode=decode)
 
 
 def _randomised(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -156,14 +157,50 @@ def test_fcos_rows_follow_the_released_class_order(tmp_path) -> None:
     # the released head has 80 rows (its default config); row j is filled with j
     released["head.cls_logits.weight"] = torch.arange(80.0).view(80, 1, 1, 1).expand(80, *weight.shape[1:]).clone()
     released["head.cls_logits.bias"] = torch.arange(80.0)
-    released.update({f"head.scale_exp.{i}.scale": torch.ones(1) for i in range(5)})
+    released.update({f"head.scale_exp.{i}.scale": torch.tensor([0.5 + i]) for i in range(5)})
     report = iw.import_weights("bdl_fcos", _save(tmp_path, "fcos.pth", {
         f"denoise_net.fcos_body.{k}": v for k, v in released.items()}), task)
-    bias = task.detector.model.state_dict()["head.classification_head.cls_logits.bias"]
+    state = task.detector.model.state_dict()
     released_row = {"Lamp": 0, "Car": 1, "Bus": 2, "Motorcycle": 3, "Truck": 4, "People": 5}
+    bias = state["head.classification_head.cls_logits.bias"]
     assert bias[1:].tolist() == [released_row[c] for c in M3FD_CLASSES]     # torchvision row c + 1
-    assert "head.scale_exp.0.scale" in report.ignored and "backbone.bn1.num_batches_tracked" in report.ignored
+    assert [float(state[f"head.regression_head.scale_exp.{i}"]) for i in range(5)] == [0.5 + i for i in range(5)]
+    assert report.ignored and all(k.endswith("num_batches_tracked") for k in report.ignored)   # frozen BN
     assert report.unexpected == [] and report.missing == []
+
+
+def test_fcos_scales_need_the_exp_decoding(tmp_path) -> None:
+    src = _save(tmp_path, "fcos.pth", iw.released_state_dict("bdl_fcos", _fcos()))
+    with pytest.raises(iw.WeightImportError, match="fcos_decode='exp'"):
+        iw.import_weights("bdl_fcos", src, _fcos(decode="stride"))
+
+
+def test_exp_decoding_gives_the_released_boxes() -> None:
+    """Oracle: the released detector's geometry written out — cell centres x·s + ⌊s/2⌋ (its
+    ``coords_fmap2orig``), distances exp(scale·t) in pixels (its ``ScaleExp``), box = centre ∓ l,t / ± r,b."""
+    from torchvision.models.detection.image_list import ImageList
+
+    torch.manual_seed(0)
+    model = _fcos().detector.model.eval()
+    head = model.head.regression_head
+    with torch.no_grad():
+        for i, scale in enumerate(head.scale_exp):
+            scale.fill_(0.3 + 0.2 * i)
+        head.bbox_reg.weight.normal_(std=0.05)
+        images = torch.rand(1, 3, 128, 192)
+        features = list(model.backbone(images).values())
+        regression, _ = head(features)
+        anchors = model.anchor_generator(ImageList(images, [(128, 192)]), features)[0]
+        ours = model.head.box_coder.decode(regression[0], anchors)
+        expected = []
+        for feature, scale, stride in zip(features, head.scale_exp, (8, 16, 32, 64, 128)):
+            ltrb = torch.exp(head.bbox_reg(head.conv(feature)) * scale)[0].permute(1, 2, 0).reshape(-1, 4)
+            h, w = feature.shape[-2:]
+            ys, xs = torch.meshgrid(torch.arange(h) * stride + stride // 2, torch.arange(w) * stride + stride // 2,
+                                    indexing="ij")
+            cx, cy = xs.reshape(-1).float(), ys.reshape(-1).float()
+            expected.append(torch.stack((cx - ltrb[:, 0], cy - ltrb[:, 1], cx + ltrb[:, 2], cy + ltrb[:, 3]), 1))
+    torch.testing.assert_close(ours, torch.cat(expected), rtol=1e-5, atol=1e-4)
 
 
 def test_fcos_refuses_a_groupnorm_backbone(tmp_path) -> None:

@@ -265,6 +265,7 @@ def test_torchvision_label_offset():
     ("retinanet_resnet18_fpn", dict(fpn_channels=32, norm="frozen")),
     ("fasterrcnn_resnet18_fpn", dict(fpn_channels=32, norm="group")),
     ("fasterrcnn_mobilenet_v3_large_fpn", dict()),
+    ("fcos_resnet18_fpn", dict(fpn_channels=32, head_convs=1, fcos_decode="exp")),
 ])
 def test_torchvision_detectors_build_and_backprop(batch, model, kw):
     batch = _images(batch, "det")
@@ -314,6 +315,10 @@ def test_det_rejects_bad_targets(batch):
         task.lower_loss(fused, bad)
     with pytest.raises(ValueError, match="unknown torchvision detector"):
         DetTask("yolo_v8")
+    with pytest.raises(ValueError, match="unknown fcos_decode"):
+        DetTask("fcos_resnet18_fpn", fcos_decode="log")
+    with pytest.raises(ValueError, match="applies to torchvision FCOS"):
+        DetTask("retinanet_resnet18_fpn", fcos_decode="exp")
 
 
 def test_mmdet_backend_missing_gives_clear_import_error(monkeypatch):
