@@ -135,10 +135,13 @@ class Aggregator:
     Attributes:
         name: registry name.
         needs_losses: True when ``losses`` is required.
+        uses_gramian: False for rules whose weights ignore the rows (they read only the Gramian's size K):
+            a caller may then skip forming the rows and apply Σ_k w_k g_k in one pass.
     """
 
     name: str = ""
     needs_losses: bool = False
+    uses_gramian: bool = True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -207,6 +210,7 @@ class Sum(Aggregator):
     """d = Σ_k g_k."""
 
     name = "sum"
+    uses_gramian = False
 
     def _weights(self, gram, losses, state):
         return torch.ones(gram.shape[0], dtype=torch.float64)
@@ -217,6 +221,7 @@ class Mean(Aggregator):
     """d = (1/K) Σ_k g_k."""
 
     name = "mean"
+    uses_gramian = False
 
     def _weights(self, gram, losses, state):
         k = gram.shape[0]
@@ -228,6 +233,7 @@ class Fixed(Aggregator):
     """d = Σ_k w_k g_k with given weights (e.g. a hand-tuned trade-off)."""
 
     name = "fixed"
+    uses_gramian = False
 
     def __init__(self, weights: Sequence[float]):
         self.fixed = [float(w) for w in weights]
@@ -246,6 +252,7 @@ class BDLReleased(Aggregator):
     """d = ½ Σ_k g_k: what BDL's released code applies (its softmax weights cancel, docs/method.md)."""
 
     name = "bdl_released"
+    uses_gramian = False
 
     def _weights(self, gram, losses, state):
         return torch.full((gram.shape[0],), 0.5, dtype=torch.float64)
@@ -260,6 +267,7 @@ class RLW(Aggregator):
     """
 
     name = "rlw"
+    uses_gramian = False
 
     def __init__(self, scale: float = 1.0, seed: int = 0):
         self.scale, self.seed = float(scale), int(seed)
@@ -308,6 +316,7 @@ class DWA(Aggregator):
     """
 
     name = "dwa"
+    uses_gramian = False
     needs_losses = True
 
     def __init__(self, T: float = 2.0):
@@ -337,6 +346,7 @@ class UW(Aggregator):
     """
 
     name = "uw"
+    uses_gramian = False
     needs_losses = True
 
     def __init__(self, lr: float = 0.01, init: float = 0.0):

@@ -41,7 +41,10 @@ M_ij = ⟨g_i, g_j⟩, the losses and its state) and the update is Σ_k w_k g_k,
   one vector–Jacobian product per row maps u_k through the graphs of the streams it lives on (retained until
   the last row); the standalone row's also carries 1 on Σ aux of the upper stream. The update Σ_k w_k g_k is
   a combination of those rows: no further backward pass. Cost: one backward pass through the upper net per
-  row (K in all) and K rows of |x| floats.
+  row (K in all) and K rows of |x| floats. Rules whose weights ignore the rows (``sum``, ``mean``, ``fixed``,
+  ``bdl_released``, ``rlw``, ``dwa``, ``uw``: ``Aggregator.uses_gramian`` is False) skip them: their weights
+  come first and one VJP of Σ_k w_k u_k gives the same update (J is linear) for one backward pass instead
+  of K. ``row_stats=True`` forms the rows anyway, for their diagnostics.
 * ``"param"``. Each row is ``hypergrad(method, F_k, f_k, x, y_k)`` with the upper net called functionally
   (``torch.func.functional_call``), one backward through the upper net per row and term; the standalone
   row's re-forward returns the aux too. Slower (upper-net passes per row); an independent check of the
@@ -49,7 +52,8 @@ M_ij = ⟨g_i, g_j⟩, the losses and its state) and the update is Σ_k w_k g_k,
 
 For the same inputs both paths give the same rows, weights, diagnostics and update (tested in float64 for
 every estimator and every aggregator). Diagnostics ``hypergrad/norm/<k>`` = ‖g_k‖ and
-``hypergrad/cos/<a>-<b>`` for every pair of rows are parameter-space statistics on both paths.
+``hypergrad/cos/<a>-<b>`` for every pair of rows are parameter-space statistics on both paths, reported when
+the rows are formed (``row_stats``).
 
 Batch-norm and other running buffers: in :meth:`~BilevelStep.step` the upper net's buffers are updated only by
 the LL-stream forwards of step 1; every other forward (UL streams, the param path's re-forwards) and all
@@ -164,6 +168,19 @@ class _Rows:
     aux: dict[str, float]  # the standalone row's aux terms (reduced), for the diagnostics
 
 
+@dataclass
+class _Cotangents:
+    """The image path before its VJP: per row the image-space gradients by stream, the (unreduced) losses,
+    the standalone row's aux values and Σ aux with its graph, and the upper parameters."""
+
+    names: list[str]
+    u_rows: list[dict[str, Tensor]]
+    losses: list[Tensor]
+    aux: dict[str, Tensor]
+    aux_sum: Tensor | None
+    params: list[Tensor]
+
+
 class _Buffers:
     """Snapshot of modules' buffers, restored on exit (estimator forwards must not move running stats)."""
 
@@ -259,6 +276,9 @@ class BilevelStep:
         reduce: all-reduce-mean for DDP (see module docstring), or None.
         upper_scheduler: stepped after every upper step (warm-up included).
         constraint_eval: evaluate the constraint nets in eval mode during hypergradients.
+        row_stats: form the K parameter-space rows and report their norms and cosines. None (default): only
+            when the aggregator reads them (``uses_gramian``); otherwise the image path applies the same
+            update from one backward pass through the upper net instead of K.
 
     Example:
         >>> seg = Constraint("seg", seg_net, seg_opt, seg_loss, seg_loss, ll_stream="train", ul_stream="val")
@@ -287,6 +307,7 @@ class BilevelStep:
         reduce: Callable[[Tensor], Tensor] | None = None,
         upper_scheduler: Any = None,
         constraint_eval: bool = False,
+        row_stats: bool | None = None,
     ):
         self.constraints = list(constraints)
         names = [c.name for c in self.constraints]
@@ -313,6 +334,7 @@ class BilevelStep:
         self.method, self.ul_every, self.path = hypergrad, int(ul_every), path
         self.amp_dtype, self.grad_clip, self.reduce = amp_dtype, grad_clip, reduce
         self.constraint_eval = constraint_eval
+        self.row_stats = self.aggregator.uses_gramian if row_stats is None else bool(row_stats)
         self.streams: dict[str, tuple[str, str]] = {
             c.name: (
                 f"{c.name}/ll" if c.ll_stream is None else c.ll_stream,
@@ -556,11 +578,13 @@ class BilevelStep:
             m.eval()
         try:
             with self._autocast():
-                if self.path == "image":
-                    rows = self._image_rows(cache, batches)
-                else:
-                    rows = self._param_rows(cache, batches)
-            return self._apply(rows, diag)
+                if self.path == "param":
+                    return self._apply(self._param_rows(cache, batches), diag)
+                parts = self._image_cotangents(cache, batches)
+                if not self.row_stats:
+                    return self._apply_combined(cache, parts, diag)
+                rows, reached = self._vjp_rows(cache, parts.u_rows, parts.aux_sum, parts.params)
+            return self._apply(self._rows(parts.names, rows, parts.losses, parts.aux, parts.params, reached), diag)
         finally:
             guard.restore()
             for m, mode in modes:
@@ -569,24 +593,70 @@ class BilevelStep:
     def _apply(self, rows: _Rows, diag: dict[str, float]) -> bool:
         """Statistics and weights from the rows' Gramian, then ``.grad`` = Σ_k w_k g_k and the update."""
         gram = gramian(rows.rows).cpu()
-        for i, name in enumerate(rows.names):
-            diag[f"loss/upper/{name}"] = float(rows.losses[i])
-            diag[f"hypergrad/norm/{name}"] = math.sqrt(max(float(gram[i, i]), 0.0))
-        for name, v in rows.aux.items():
-            diag[f"loss/aux/{name}"] = v
-        for i in range(len(rows.names)):
-            for j in range(i + 1, len(rows.names)):
-                den = math.sqrt(max(float(gram[i, i]) * float(gram[j, j]), 0.0))
-                cos = float(gram[i, j]) / den if den > 0 else 0.0
-                diag[f"hypergrad/cos/{rows.names[i]}-{rows.names[j]}"] = cos
+        self._log_losses(rows.names, rows.losses, rows.aux, diag)
+        if self.row_stats:
+            for i, name in enumerate(rows.names):
+                diag[f"hypergrad/norm/{name}"] = math.sqrt(max(float(gram[i, i]), 0.0))
+            for i in range(len(rows.names)):
+                for j in range(i + 1, len(rows.names)):
+                    den = math.sqrt(max(float(gram[i, i]) * float(gram[j, j]), 0.0))
+                    cos = float(gram[i, j]) / den if den > 0 else 0.0
+                    diag[f"hypergrad/cos/{rows.names[i]}-{rows.names[j]}"] = cos
         if not (bool(torch.isfinite(rows.losses).all()) and bool(torch.isfinite(gram).all())):
             return False
-        weights = self.aggregator.weights(gram, rows.losses, self.state)
-        for i, name in enumerate(rows.names):
-            diag[f"agg/weight/{name}"] = float(weights[i])
+        weights = self._weights(rows.names, gram, rows.losses, diag)
         for p, g, reached in zip(rows.params, combine(rows.rows, weights), rows.reached):
             p.grad = g.to(p.dtype) if reached else None
         return self._update(diag, reduce_grads=False)  # the rows were reduced already
+
+    def _apply_combined(self, cache: dict[str, UpperOutput], parts: _Cotangents, diag: dict[str, float]) -> bool:
+        """Rules that ignore the rows: weights from the losses, then ``.grad`` = Jᵀ Σ_k w_k u_k in one VJP
+        (Σ aux enters with the standalone row's weight) — the same update as :meth:`_apply`'s Σ_k w_k g_k."""
+        loss_t = _stack64(parts.losses + list(parts.aux.values()))
+        if self.reduce is not None:
+            loss_t = self.reduce(loss_t)
+        k = len(parts.names)
+        losses = loss_t[:k]
+        self._log_losses(parts.names, losses, dict(zip(parts.aux, loss_t[k:].tolist())), diag)
+        if not bool(torch.isfinite(losses).all()):
+            return False
+        unread = torch.full((k, k), math.nan, dtype=torch.float64)   # these rules read only its size
+        weights = self._weights(parts.names, unread, losses, diag).tolist()
+        outputs, cotangents = [], []
+        for b, out in cache.items():
+            terms = [w * row[b].to(torch.float64) for w, row in zip(weights, parts.u_rows) if b in row]
+            if terms and out.value.requires_grad:
+                outputs.append(out.value)
+                cotangents.append(torch.stack(terms).sum(0).to(out.value.dtype))
+        if parts.aux_sum is not None and parts.aux_sum.requires_grad:
+            outputs.append(parts.aux_sum)
+            cotangents.append(torch.full_like(parts.aux_sum, weights[-1]))
+        x = parts.params
+        grads: Sequence[Tensor | None] = [None] * len(x)
+        if outputs and x:
+            grads = torch.autograd.grad(outputs, x, cotangents, allow_unused=True)
+        reached = [g is not None for g in grads]
+        dense = [torch.zeros_like(p) if g is None else g for p, g in zip(x, grads)]
+        if self.reduce is not None:   # as _rows: one flat reduce, and a parameter any rank reaches counts
+            dense = list(_reduce_flat(dense, self.reduce))
+            hit = self.reduce(torch.tensor(reached, dtype=dense[0].dtype, device=dense[0].device))
+            reached = (hit > 0).tolist()
+        for p, g, r in zip(x, dense, reached):
+            p.grad = g.to(p.dtype) if r else None
+        return self._update(diag, reduce_grads=False)
+
+    @staticmethod
+    def _log_losses(names: list[str], losses: Tensor, aux: Mapping[str, float], diag: dict[str, float]) -> None:
+        for i, name in enumerate(names):
+            diag[f"loss/upper/{name}"] = float(losses[i])
+        for name, v in aux.items():
+            diag[f"loss/aux/{name}"] = v
+
+    def _weights(self, names: list[str], gram: Tensor, losses: Tensor, diag: dict[str, float]) -> Tensor:
+        weights = self.aggregator.weights(gram, losses, self.state)
+        for i, name in enumerate(names):
+            diag[f"agg/weight/{name}"] = float(weights[i])
+        return weights
 
     def _update(self, diag: dict[str, float], *, reduce_grads: bool) -> bool:
         """The upper optimiser step of :meth:`step` and :meth:`warmup` from the ``.grad`` already written:
@@ -627,7 +697,8 @@ class BilevelStep:
         k = len(rows)
         return _Rows(names, loss_t[:k], rows, params, reached, dict(zip(aux, loss_t[k:].tolist())))
 
-    def _image_rows(self, cache, batches) -> _Rows:
+    def _image_cotangents(self, cache, batches) -> _Cotangents:
+        """Per row, the image-space gradients u_{k,s} on the streams it lives on (estimators on the images)."""
         u_rows: list[dict[str, Tensor]] = []
         losses: list[Tensor] = []
         for c in self.constraints:
@@ -676,9 +747,7 @@ class BilevelStep:
             losses.append(_row_total(loss, aux))
             names.append(_ROW)
 
-        x = _trainable(self.upper)[1]
-        rows, reached = self._vjp_rows(cache, u_rows, aux_sum, x)
-        return self._rows(names, rows, losses, aux, x, reached)
+        return _Cotangents(names, u_rows, losses, aux, aux_sum, _trainable(self.upper)[1])
 
     def _vjp_rows(
         self, cache: dict[str, UpperOutput], u_rows: list[dict[str, Tensor]], aux_sum: Tensor | None,

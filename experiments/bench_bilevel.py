@@ -7,6 +7,8 @@ Times, side by side in one run on whatever device is present, BDL's DRDB fusion 
   and segmentation losses on the image, one backward over everything, one step of each optimiser;
 * ``bilevel`` with ``gn`` on the image path (the fast path): an iteration with an upper update
   (``ul_every=1``) and a lower-only iteration; the BDL-schedule average is (9·lower-only + 1·full)/10;
+  aggregation ``gradnorm_softmax`` (it reads the K parameter-space rows: one VJP per row), and ``gn_onevjp``
+  with ``bdl_released`` weights, which ignore the rows (one VJP of the weighted sum);
 * ``gn`` on the parameter path (exact rows, one pass per constraint: the "naive" implementation);
 * ``unrolled`` K = 1 and K = 3 on the image path.
 
@@ -42,6 +44,11 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "joint": ("joint (single-level)", "joint", {}),
     "gn": ("bi-level gn, image path, with UL update", "bilevel", dict(hypergrad="gn", ul_every=1)),
     "gn_lower": ("bi-level gn, lower-only iteration", "bilevel", dict(hypergrad="gn", ul_every=10**9)),
+    "gn_onevjp": (
+        "bi-level gn, image path, bdl_released weights (one VJP, no rows), with UL",
+        "bilevel",
+        dict(hypergrad="gn", aggregate="bdl_released"),
+    ),
     "gn_param": (
         "bi-level gn, param path (per-constraint passes), with UL",
         "bilevel",
@@ -164,9 +171,8 @@ def bilevel_step(parts: dict, amp_dtype, ll: dict, ul: dict, **kw) -> Callable[[
         _fused,
         parts["constraints"],
         amp_dtype=amp_dtype,
-        aggregate="gradnorm_softmax",
         grad_clip=GRAD_CLIP,
-        **kw,
+        **{"aggregate": "gradnorm_softmax", **kw},
     )
     batches = {"ll": ll, "ul": ul}  # both constraints read the same two streams: one forward each
 

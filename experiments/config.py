@@ -279,6 +279,7 @@ BilevelConfig = dataclasses.make_dataclass(
      ("path", str, field(default="image")),             # image | param
      ("grad_clip", float | None, field(default=None)),
      ("fusion_row", bool, field(default=True)),         # the fusion loss as a standalone upper row
+     ("row_stats", bool | None, field(default=None)),   # per-row norms/cosines; None: when the rule reads them
      *[(name, cls, field(default_factory=cls)) for name, cls in {**ESTIMATOR_SECTIONS,
                                                                    **AGGREGATOR_SECTIONS}.items()]],
     bases=(_BilevelBase,), frozen=True, namespace={"__module__": __name__})

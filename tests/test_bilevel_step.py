@@ -158,14 +158,17 @@ ESTIMATORS = {
 }
 
 
+@pytest.mark.parametrize("row_stats", [True, False], ids=["rows", "one-vjp"])
 @pytest.mark.parametrize("bn", [False, True], ids=["plain", "batchnorm"])
 @pytest.mark.parametrize("method", list(ESTIMATORS))
-def test_image_path_equals_param_path(method, bn):
+def test_image_path_equals_param_path(method, bn, row_stats):
+    """With the (default) fixed weights the image path skips the rows unless ``row_stats``: one VJP of the
+    weighted image-space gradients must give the parameter path's update."""
     base = Setup(bn=bn)
     runs = {}
     for path in ("image", "param"):
         s = base.clone()
-        step = s.step(hypergrad=method, hypergrad_options=ESTIMATORS[method], path=path)
+        step = s.step(hypergrad=method, hypergrad_options=ESTIMATORS[method], path=path, row_stats=row_stats)
         diag = step.step(BATCHES)
         assert diag["upper_step"] == 1.0 and diag["nonfinite"] == 0.0
         runs[path] = (s, diag, [p.grad.clone() for p in s.upper.parameters()])
@@ -173,7 +176,7 @@ def test_image_path_equals_param_path(method, bn):
     _assert_states(gi, gp, rtol=1e-9, atol=1e-12)
     _assert_states(_state(si), _state(sp), rtol=1e-9, atol=1e-12)
     _assert_same_diagnostics(di, dp)  # parameter-space norms and cosines on both paths
-    assert {"hypergrad/norm/seg", "hypergrad/cos/critic-seg"} <= set(di)
+    assert ({"hypergrad/norm/seg", "hypergrad/cos/critic-seg"} <= set(di)) == row_stats
     assert abs(di["agg/norm"]) > 0
 
 
@@ -189,7 +192,8 @@ def test_image_path_equals_param_path_with_fusion_row_and_rlw():
     for path in ("image", "param"):
         s = base.clone()
         step = s.step(
-            hypergrad="gn", path=path, aggregate="rlw", aggregate_options={"seed": 4}, upper_loss=fusion_loss
+            hypergrad="gn", path=path, aggregate="rlw", aggregate_options={"seed": 4}, upper_loss=fusion_loss,
+            row_stats=True,
         )
         for _ in range(2):
             diag = step.step(BATCHES)
@@ -236,7 +240,7 @@ def test_gn_step_matches_hand_written_reference():
 
 def test_lower_steps_do_not_touch_upper_grads_and_schedule():
     s = Setup(bn=True)
-    step = s.step(hypergrad="gn", ul_every=3)
+    step = s.step(hypergrad="gn", ul_every=3, row_stats=True)
     sentinel = [torch.full_like(p, 5.0) for p in s.upper.parameters()]
     for p, g in zip(s.upper.parameters(), sentinel):
         p.grad = g.clone()
@@ -600,10 +604,12 @@ def test_aux_param_path_matches_dense_reference(with_loss):
     assert diag["agg/weight/fusion"] == 0.5
 
 
+@pytest.mark.parametrize("row_stats", [True, False], ids=["rows", "one-vjp"])
 @pytest.mark.parametrize("with_loss", [True, False], ids=["loss+aux", "aux-only"])
 @pytest.mark.parametrize("method", ["none", "gn"])
-def test_aux_image_path_equals_param_path(method, with_loss):
-    """The image path back-propagates w_fusion·Σ aux through the upper stream's graph: same update."""
+def test_aux_image_path_equals_param_path(method, with_loss, row_stats):
+    """The image path back-propagates w_fusion·Σ aux through the upper stream's graph: same update, with the
+    rows formed or in the one VJP of the weighted sum."""
     base = Setup(bn=True)
     runs = {}
     for path in ("image", "param"):
@@ -615,6 +621,7 @@ def test_aux_image_path_equals_param_path(method, with_loss):
             upper_loss=fusion_loss if with_loss else None,
             aggregate="fixed",
             aggregate_options={"weights": [0.3, 0.7, 0.5]},
+            row_stats=row_stats,
         )
         diag = step.step(BATCHES)
         assert diag["upper_step"] == 1.0
@@ -625,7 +632,8 @@ def test_aux_image_path_equals_param_path(method, with_loss):
     for key in ("loss/upper/fusion", "loss/aux/balance", "loss/aux/sparsity", "agg/norm"):
         assert di[key] == pytest.approx(dp[key], rel=1e-9)
     _assert_same_diagnostics(di, dp)
-    assert di["hypergrad/norm/fusion"] > 0  # the row's parameter-space norm includes ∇ₓ Σ aux
+    if row_stats:
+        assert di["hypergrad/norm/fusion"] > 0  # the row's parameter-space norm includes ∇ₓ Σ aux
 
 
 @pytest.mark.parametrize("path", ["image", "param"])
