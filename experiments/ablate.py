@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import fuse
+from experiments.cli import ArgumentParser
 from experiments.evaluate import evaluate_folders
 from experiments.presets import list_presets
 
@@ -50,7 +51,7 @@ class AblationError(ValueError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="experiments/ablate.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="experiments/ablate.py", description=__doc__.split("\n\n")[0],
                                 epilog="Any further arguments (e.g. --iters 500 --set train.batch=8 --device cuda) "
                                        "are passed to every run.py command.")
     p.add_argument("--preset", required=True, help="preset to ablate")

@@ -20,11 +20,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     section, rest = argv[0], argv[1:]
     if section not in SECTIONS:
-        raise SystemExit(f"error: unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
+        print(f"error: unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         module = importlib.import_module(f"experiments.bench_{section}")
     except ModuleNotFoundError as err:   # the reference implementations are an extra
-        raise SystemExit(f"error: the {section} benchmark needs {err.name!r}: pip install -e '.[bench]'") from None
+        print(f"error: the {section} benchmark needs {err.name!r}: pip install -e '.[bench]'", file=sys.stderr)
+        raise SystemExit(2) from None
     module.main(rest)
 
 

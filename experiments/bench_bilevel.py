@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from bilevel import BilevelStep, Constraint
+from experiments.cli import ArgumentParser, image_size, non_negative_int, positive_int
 from fusion.colour import to_image
 from fusion.data import collate_pairs, create_dataset
 from fusion.nets import create_fusion_net
@@ -68,28 +69,23 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("bench bilevel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=_size, default=(64, 64), help="H or HxW (GPU targets: 256, 480x640)")
-    parser.add_argument("--batch", type=int, default=2, help="LL and UL batch size (GPU target: 8)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per configuration")
+    parser = ArgumentParser("bench bilevel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=image_size, default=(64, 64), help="H or HxW (GPU targets: 256, 480x640)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="LL and UL batch size (GPU target: 8)")
+    parser.add_argument("--iters", type=positive_int, default=5, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per configuration")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     parser.add_argument(
         "--amp", choices=("none", "bf16"), default="none", help="autocast dtype (GPU target: bf16)"
     )
     parser.add_argument("--net", default="bdl", help="fusion net (bdl_tiny for a quick smoke run)")
     parser.add_argument("--seg-encoder", default="resnet18")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--tiny", action="store_true", help="bdl_tiny + critic_tiny + seg_tiny (smoke test)")
     parser.add_argument(
         "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}"
     )
     return parser
-
-
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w or h)
 
 
 def _batch(size: tuple[int, int], n: int, seed: int, device: torch.device) -> dict:
@@ -225,7 +221,11 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    if set(keys) - set(CONFIGS) or not {"joint", "gn", "gn_lower"} <= set(keys):
+        parser.error(f"--configs needs joint, gn and gn_lower; choose from {', '.join(CONFIGS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,10 +247,6 @@ def main(argv: list[str] | None = None) -> None:
     template = {k: v.to(device) for k, v in template.items()}
     ll = _batch(args.size, args.batch, seed=1, device=device)
     ul = _batch(args.size, args.batch, seed=2, device=device)
-    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
-    unknown = sorted(set(keys) - set(CONFIGS))
-    if unknown or not {"joint", "gn", "gn_lower"} <= set(keys):
-        raise SystemExit(f"--configs needs joint, gn and gn_lower; choose from {', '.join(CONFIGS)}")
     runs = {}
     for label, kind, kw in (CONFIGS[k] for k in keys):
         parts = build(args, device, template)

@@ -10,12 +10,12 @@ Target of the performance issue: ≤ 1.0 ms for BDL's net at 480×640, batch 1, 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from experiments.cli import ArgumentParser, image_size, non_negative_int, positive_int
 from experiments.fuse import Fuser
 from fusion.nets import create_fusion_net
 
@@ -56,21 +56,21 @@ def measure(fuser: Fuser, ir: torch.Tensor, vis: torch.Tensor, iters: int, warmu
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="experiments/bench.py infer", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="experiments/bench.py infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--net", default="bdl", help="registered fusion net (default: bdl)")
-    p.add_argument("--size", default="480x640", help="HxW (default 480x640)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=image_size, default=(480, 640), help="HxW (default 480x640)")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--iters", type=positive_int, default=30)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--configs", help="comma-separated subset of: " + "; ".join(CONFIGS))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    height, width = args.size
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     unknown = [c for c in wanted if c not in CONFIGS]
     if unknown:

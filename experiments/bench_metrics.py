@@ -11,7 +11,6 @@ the table prints the largest relative difference per metric next to the timings.
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.signal import convolve2d
+
+from experiments.cli import ArgumentParser, positive_int
 
 STANDARD_NINE = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
 
@@ -207,13 +208,14 @@ def _time(fn, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench.py metrics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=8, help="number of 640x480 pairs in the batch")
-    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    parser = ArgumentParser(prog="bench.py metrics", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=positive_int, default=8, help="number of 640x480 pairs in the batch")
+    parser.add_argument("--size", type=positive_int, nargs=2, default=(480, 640), metavar=("H", "W"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--baseline-pairs", type=int, default=2, help="pairs timed for the (slow) baseline")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--baseline-pairs", type=positive_int, default=2, help="pairs timed for the (slow) baseline")
+    parser.add_argument("--repeats", type=positive_int, default=2)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from fusion.metrics import compute_metrics

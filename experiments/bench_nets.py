@@ -15,14 +15,14 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
-from fusion.nets import create_fusion_net, list_fusion_nets  # noqa: E402
+from experiments.cli import ArgumentParser, positive_int
+from fusion.nets import create_fusion_net, list_fusion_nets
 
 DEFAULT_NETS = ("bdl", "moe_fusion", "tc_moa")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench.py nets", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench.py nets", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--nets",
         nargs="+",
@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--size",
         nargs=2,
-        type=int,
+        type=positive_int,
         default=(480, 640),
         metavar=("H", "W"),
         help="input resolution (default 480 640, MSRS/M3FD-like)",

@@ -13,13 +13,13 @@ The ratio runner/bare is the data path's overhead (target: ≤ 1.1 on a GPU; on 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from experiments.cli import ArgumentParser, positive_int
 from experiments.config import apply_overrides
 from experiments.engine import train
 from experiments.experiment import build
@@ -77,10 +77,10 @@ def measure(preset: str, iters: int, device: str, data_root: str | None = None) 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="experiments/bench.py train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="experiments/bench.py train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", help="RoadScene folder: also time bdl_roadscene_seg at its preset size")
-    p.add_argument("--iters", type=int, default=4, help="timed iterations per preset (synthetic_seg)")
-    p.add_argument("--roadscene-iters", type=int, default=1, help="timed iterations of bdl_roadscene_seg")
+    p.add_argument("--iters", type=positive_int, default=4, help="timed iterations per preset (synthetic_seg)")
+    p.add_argument("--roadscene-iters", type=positive_int, default=1, help="timed iterations of bdl_roadscene_seg")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     jobs = [("synthetic_seg", args.iters, None)]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments.cli import ArgumentParser
 from experiments.config import ConfigError
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
@@ -564,7 +565,7 @@ def _parse_fused(specs: Sequence[str], root: str | None) -> dict[str, Path]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sources = p.add_mutually_exclusive_group(required=True)
     sources.add_argument("--ir", help="folder of infrared images (with --vi)")
     sources.add_argument("--pairs", help="folder of A/B source pairs <scene>/<scene>_A.*, _B.* (MEF, MFF)")

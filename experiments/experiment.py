@@ -289,6 +289,19 @@ def _task_kwargs(cfg: RunConfig, k: str, dataset: FusionDataset, spec: DataSpec)
     return kwargs
 
 
+@contextlib.contextmanager
+def _configured(key: str):
+    """A constructor refusing a configured value (ValueError, TypeError, KeyError) becomes a ConfigError that
+    names the config key, so the command exits 2 with one line instead of a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ConfigError(f"{key}: {text}") from err
+
+
 def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0, start_step: int = 0,
           reduce: Callable[[Tensor], Tensor] | None = None, load_init: bool = True) -> Experiment:
     """Datasets (labels checked first), fusion net, loss, constraint tasks, optimisers and the bi-level step.
@@ -339,7 +352,9 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
 
     # ---- nets: initial weights depend on the seed only (not on what the data code drew), identical on every rank
     torch.manual_seed(cfg.train.seed)
-    net = create_fusion_net(cfg.net.name, **cfg.net.kwargs).to(device)
+    with _configured("net.kwargs"):
+        net = create_fusion_net(cfg.net.name, **cfg.net.kwargs)
+    net = net.to(device)
     fusion_tasks = sorted(set(streams.tasks.values()))
     primary_task = dataset_task(specs["run"].name)
     if hasattr(net, "select_task"):    # per-task routers (TC-MoA): every stream's task needs one
@@ -357,15 +372,15 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
     task_losses = {}
     for t in dict.fromkeys([primary_task, *fusion_tasks]):
         name = task_loss_name(cfg.loss.name, t)
-        task_losses[t] = create_fusion_loss(name, **(cfg.loss.kwargs if name == cfg.loss.name else {})).to(device)
+        with _configured("loss.kwargs"):
+            task_losses[t] = create_fusion_loss(name, **(cfg.loss.kwargs if name == cfg.loss.name else {}))
+        task_losses[t] = task_losses[t].to(device)
     loss_fn = task_losses[primary_task]
     tasks = {}
     for k in cfg.constraints:
         torch.manual_seed(stream_seed(cfg.train.seed, f"init/{k}", 0))
-        try:
+        with _configured(f"tasks.{k}.kwargs"):   # also a keyword the wrapped model (e.g. smp's) does not take
             tasks[k] = create_task(getattr(cfg.tasks, k).name or k, **_task_kwargs(cfg, k, train_sets[k], specs[k]))
-        except TypeError as err:    # a keyword the task (or the model it wraps, e.g. smp's) does not take
-            raise ConfigError(f"tasks.{k}.kwargs: {err}") from err
         tasks[k] = tasks[k].to(device)
     broadcast_modules([net, *tasks.values()], world)
 

@@ -35,6 +35,7 @@ from experiments.checkpoint import (
     save_checkpoint,
     strip_checkpoint,
 )
+from experiments.cli import ArgumentParser
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from fusion.colour import to_image
 from fusion.image_io import image_size
@@ -142,7 +143,7 @@ class Fuser:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fuse a folder of IR/visible pairs with a trained checkpoint.")
+    p = ArgumentParser(description="Fuse a folder of IR/visible pairs with a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint of experiments/run.py (full or stripped)")
     p.add_argument("--ir", required=True, help="folder of infrared images")
     p.add_argument("--vi", required=True, help="folder of visible images (same stems)")

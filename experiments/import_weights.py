@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel.registry import lookup
+from experiments.cli import ArgumentParser
 
 __all__ = [
     "KINDS",
@@ -390,7 +391,7 @@ def import_weights(kind: str, path: str | Path, net: nn.Module) -> ImportReport:
 
 # --------------------------------------------------------------------------------------------------- command
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Import released BDL / TC-MoA weights into this toolkit's nets.")
+    p = ArgumentParser(description="Import released BDL / TC-MoA weights into this toolkit's nets.")
     p.add_argument("--kind", required=True, help=f"one of {', '.join(KINDS)}")
     p.add_argument("--src", required=True, help="the released checkpoint (a local file)")
     p.add_argument("--out", required=True, help="where to write our checkpoint (a fusion checkpoint; for "

@@ -10,12 +10,13 @@ calls :func:`make_plots` at the end of every run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from experiments.cli import ArgumentParser
 
 __all__ = ["read_metrics", "make_plots", "main"]
 
@@ -97,7 +98,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plot training curves of run directories (metrics.csv).")
+    parser = ArgumentParser(description="Plot training curves of run directories (metrics.csv).")
     parser.add_argument("run_dirs", nargs="+", help="run directories")
     args = parser.parse_args(argv)
     status = 0

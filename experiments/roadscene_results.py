@@ -25,8 +25,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from experiments import evaluate, fuse, tables
+from experiments.cli import ArgumentParser
 from experiments.data import holdout_indices
 
 __all__ = ["DEFAULT_CHECKPOINTS", "METRICS", "roadscene_test_folder", "main"]
@@ -72,7 +72,7 @@ def _publish(eval_dir: Path, out: Path, ranked: Sequence[str], overwrite: bool) 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder holding vifb/ and roadscene/ (e.g. $DATA, the folder that holds your datasets)")
     p.add_argument("--checkpoints", nargs="+", default=[str(c) for c in DEFAULT_CHECKPOINTS],
                    help="checkpoints to evaluate (method name = file stem)")

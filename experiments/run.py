@@ -33,6 +33,7 @@ import torch
 
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from experiments.cli import ArgumentParser
 from experiments.config import (
     TASK_CHOICES,
     ConfigError,
@@ -72,7 +73,7 @@ __all__ = ["DataError", "NonFiniteError", "RunInterrupted", "RunResult", "check_
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command-line interface (returns the parser; does not parse)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="experiments/run.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets: {', '.join(list_presets())}. Any config key: --set section.key=value "

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.cli import ArgumentParser
+
 __all__ = [
     "Source",
     "det_table",
@@ -395,7 +397,7 @@ def build_tables(sources: Sequence[Source], metrics: Sequence[str] | None = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Paper-style tables from run directories / evaluate.py outputs.")
+    p = ArgumentParser(description="Paper-style tables from run directories / evaluate.py outputs.")
     p.add_argument("dirs", nargs="*", help="run directories or evaluate.py --out folders (none: --paper alone)")
     p.add_argument("--labels", help="comma-separated method names, one per method row")
     p.add_argument("--metrics", help="comma-separated fusion metrics to show (default: all present)")

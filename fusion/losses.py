@@ -686,6 +686,12 @@ def create_fusion_loss(name: str, **kwargs) -> FusionLoss:
 
     Raises:
         bilevel.registry.UnknownNameError: unknown ``name``; the message lists the presets.
+        ValueError: a negative or non-finite weight (a negative weight would maximise its term).
     """
     cls = lookup(_LOSSES, "fusion loss", name)
-    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+    loss = cls(**{k: v for k, v in kwargs.items() if v is not None})
+    weights = {**loss.weights, **loss.extra_weights, "aux_weight": loss.aux_weight, "mir_weight": loss.mir_weight}
+    for key, w in weights.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"fusion loss {name!r}: weight {key}={w!r} must be a finite number >= 0")
+    return loss

@@ -1,4 +1,5 @@
-"""Hostile inputs (issue 13): ``evaluate.py``, ``tables.py`` and ``fuse.py`` on a generated set of bad inputs.
+"""Hostile inputs (issue 13): ``evaluate.py``, ``tables.py`` and ``fuse.py`` on a generated set of bad inputs, and
+bad command lines of every command (``run.py``, ``bench.py`` and its sections included).
 
 Every case must exit with code 2, print exactly one stderr line starting ``error:`` that names the file or
 flag, print no traceback, and leave every file under the test folder as it was (nothing written, nothing
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import evaluate, fuse, tables
+from experiments import bench, evaluate, fuse, import_weights, run, tables
 from experiments.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from experiments.logging_utils import OutputError
 
@@ -311,3 +312,36 @@ def test_interrupted_fuse_is_finished_by_skip_existing(world, tmp_path, monkeypa
     assert (out / "a.png").stat().st_mtime_ns == first                      # the finished one is not redone
     for stem in ("a", "b"):
         assert (out / f"{stem}.png").read_bytes() == (tmp_path / "whole" / f"{stem}.png").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- command lines
+def _exit_code(main: Callable[[list[str]], object]) -> Callable[[list[str]], int]:
+    """argparse ends a bad command line with SystemExit; the code is what the shell sees."""
+    def call(argv: list[str]) -> int:
+        try:
+            return int(main(argv) or 0)
+        except SystemExit as stop:
+            return stop.code if isinstance(stop.code, int) else 1
+    return call
+
+
+COMMAND_LINE_CASES = {
+    "run: not a number": (run.main, ["--iters", "abc"], "--iters"),
+    "evaluate: missing flags": (evaluate.main, [], "--out"),
+    "fuse: missing flags": (fuse.main, ["--nosuch"], "--checkpoint"),
+    "tables: flag without its value": (tables.main, ["x", "--rank"], "--rank"),
+    "import_weights: missing --kind": (import_weights.main, ["--src", "a", "--out", "b"], "--kind"),
+    "bench: unknown section": (bench.main, ["nosuch"], "nosuch"),
+    "bench bilevel: batch 0": (bench.main, ["bilevel", "--batch", "0"], "--batch"),
+    "bench bilevel: unknown config": (bench.main, ["bilevel", "--configs", "joint,gn,gn_lower,nope"], "--configs"),
+    "bench infer: negative size": (bench.main, ["infer", "--size", "-5"], "--size"),
+    "bench metrics: no pairs": (bench.main, ["metrics", "--pairs", "0"], "--pairs"),
+    "bench nets: zero height": (bench.main, ["nets", "--size", "0", "4"], "--size"),
+    "bench train: negative iterations": (bench.main, ["train", "--iters", "-1"], "--iters"),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND_LINE_CASES)
+def test_bad_command_lines(world, capsys, case) -> None:
+    main, argv, names = COMMAND_LINE_CASES[case]
+    _expect_error(world, capsys, _exit_code(main), argv, names)

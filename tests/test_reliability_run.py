@@ -1,4 +1,5 @@
-"""Issue 13, items 2 and 7 (runner): unknown ``net.kwargs``/``loss.kwargs``/``tasks.<k>.kwargs`` keys, and flags
+"""Issue 13, items 2 and 7 (runner): unknown ``net.kwargs``/``loss.kwargs``/``tasks.<k>.kwargs`` keys, values
+that the net, loss or task refuses, and flags
 that contradict the checkpoint of ``--resume … --eval-only`` (or ``--preset`` with ``--resume``).
 
 Each is exit code 2 with one ``error:`` line naming the key or flag, no traceback, and no run folder.
@@ -33,6 +34,18 @@ def _expect_error(capsys, argv: list[str], out: Path, *names: str) -> None:
 ])
 def test_unknown_kwargs_keys_fail_before_any_work(capsys, tmp_path, override, names) -> None:
     _expect_error(capsys, ["--task", "seg", "--smoke", "--set", override], tmp_path / "out", *names)
+
+
+@pytest.mark.parametrize("task, override, names", [
+    ("seg", "tasks.seg.kwargs.arch=Foo", ("tasks.seg.kwargs", "Foo")),                # smp's own refusal
+    ("det", "tasks.det.kwargs.norm=foo", ("tasks.det.kwargs", "'foo'", "frozen")),
+    ("det", "tasks.det.kwargs.fcos_decode=log", ("tasks.det.kwargs", "fcos_decode", "'log'")),
+    ("seg", "loss.kwargs.detail=-1", ("loss.kwargs", "detail=-1")),                  # a negative weight
+    ("seg", "loss.kwargs.l1=1e999", ("loss.kwargs", "l1=inf")),          # parses as float inf
+])
+def test_values_a_constructor_refuses_fail_before_any_work(capsys, tmp_path, task, override, names) -> None:
+    """Keys pass the signature check; the values are refused by the net, task or loss being built."""
+    _expect_error(capsys, ["--task", task, "--smoke", "--device", "cpu", "--set", override], tmp_path / "out", *names)
 
 
 def test_valid_kwargs_pass_the_check() -> None:
