@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from experiments.cli import ArgumentParser, image_size, non_negative_int, positive_int
+from experiments.cli import ArgumentParser, device_name, image_size, non_negative_int, positive_int
 from experiments.fuse import Fuser
 from fusion.nets import create_fusion_net
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--net", default="bdl", help="registered fusion net (default: bdl)")
     p.add_argument("--size", type=image_size, default=(480, 640), help="HxW (default 480x640)")
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda")
     p.add_argument("--iters", type=positive_int, default=30)
     p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.signal import convolve2d
 
-from experiments.cli import ArgumentParser, positive_int
+from experiments.cli import ArgumentParser, device_name, positive_int
 
 STANDARD_NINE = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="bench.py metrics", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=positive_int, default=8, help="number of 640x480 pairs in the batch")
     parser.add_argument("--size", type=positive_int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: torch's)")
     parser.add_argument("--baseline-pairs", type=positive_int, default=2, help="pairs timed for the (slow) baseline")

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiments.cli import ArgumentParser, positive_int
+from experiments.cli import ArgumentParser, device_name, positive_int
 from fusion.nets import create_fusion_net, list_fusion_nets
 
 DEFAULT_NETS = ("bdl", "moe_fusion", "tc_moa")
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar=("H", "W"),
         help="input resolution (default 480 640, MSRS/M3FD-like)",
     )
-    parser.add_argument("--device", default="cpu", help="device for nets that cannot run on 'meta'")
+    parser.add_argument("--device", type=device_name, default="cpu", help="device for nets that cannot run on 'meta'")
     return parser
 
 

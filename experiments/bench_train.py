@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.cli import ArgumentParser, positive_int
+from experiments.cli import ArgumentParser, device_name, positive_int
 from experiments.config import apply_overrides
 from experiments.engine import train
 from experiments.experiment import build
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data-root", help="RoadScene folder: also time bdl_roadscene_seg at its preset size")
     p.add_argument("--iters", type=positive_int, default=4, help="timed iterations per preset (synthetic_seg)")
     p.add_argument("--roadscene-iters", type=positive_int, default=1, help="timed iterations of bdl_roadscene_seg")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto")
     args = p.parse_args(argv)
     jobs = [("synthetic_seg", args.iters, None)]
     if args.data_root:

@@ -11,7 +11,11 @@ import argparse
 import sys
 from typing import NoReturn
 
-__all__ = ["ArgumentParser", "image_size", "non_negative_int", "positive_int"]
+import torch
+
+from experiments.config import ConfigError
+
+__all__ = ["ArgumentParser", "device_name", "image_size", "non_negative_int", "positive_int", "resolve_device"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,3 +48,29 @@ def image_size(text: str) -> tuple[int, int]:
         return positive_int(h), positive_int(w or h)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected H or HxW with positive integers, got {text!r}") from None
+
+
+def resolve_device(name: str, local_rank: int = 0, *, what: str = "train.device") -> torch.device:
+    """``auto`` → CUDA when available; ``cuda`` → this rank's GPU. An unknown device or a GPU this machine
+    lacks is a ConfigError naming ``what`` (the key or flag), before anything is built."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise ConfigError(f"{what}={name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}={name!r} but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def device_name(text: str) -> str:
+    """Argument type of ``--device``: checked as :func:`resolve_device` checks it, kept as written."""
+    try:
+        resolve_device(text, what="--device")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.cli import ArgumentParser
+from experiments.cli import ArgumentParser, device_name
 from experiments.config import ConfigError
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
@@ -576,7 +576,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="reference | vifb | mefb | tang | tang_legacy | cddfuse")
     p.add_argument("--metrics", default=None, help="comma-separated names, or 'all' (default: the profile's toolbox order, else the "
                         "standard IVF metrics: " + ",".join(STANDARD_METRICS) + ")")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="output folder (must be absent or empty)")
     p.add_argument("--stretch-16bit", action="store_true",
                    help="stretch each 16-bit image's min-max to [0, 1] (raw sensor counts) instead of /65535")

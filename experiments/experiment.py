@@ -21,6 +21,7 @@ from bilevel.aggregate import create_aggregator, list_aggregators
 from bilevel.estimators import check_hypergrad_options, list_hypergrads
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import FORMAT, load_checkpoint, load_weights, rng_state, set_rng_state
+from experiments.cli import resolve_device
 from experiments.config import ConfigError, RunConfig, to_dict
 from experiments.data import (
     GROUP_KEY,
@@ -89,18 +90,6 @@ def aggregator_options(cfg: RunConfig, n_constraints: int) -> dict[str, Any]:
     if cfg.bilevel.aggregate == "fixed" and not options.get("weights"):
         options["weights"] = [1.0] * (n_constraints + int(cfg.bilevel.fusion_row))
     return options
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA when available; ``cuda`` → this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r} but CUDA is not available; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 @dataclass

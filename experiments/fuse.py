@@ -35,7 +35,7 @@ from experiments.checkpoint import (
     save_checkpoint,
     strip_checkpoint,
 )
-from experiments.cli import ArgumentParser
+from experiments.cli import ArgumentParser, device_name, resolve_device
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from fusion.colour import to_image
 from fusion.image_io import image_size
@@ -150,7 +150,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; existing files are never replaced)")
     p.add_argument("--skip-existing", action="store_true",
                    help="fuse only the pairs whose output is missing (finish an interrupted run)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (GPU); default fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="none",
@@ -194,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     done = 0
     try:
+        device = resolve_device(args.device, what="--device")
         pairs = match_pairs(args.ir, args.vi)
         out = Path(args.out)
         _check_out(out, (args.ir, args.vi))
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if strip_to.exists():
                 raise FileExistsError(f"{strip_to} exists; choose a new path for --strip")
             check_writable(strip_to.parent)
-        net = load_fusion_net(args.checkpoint, args.device)
+        net = load_fusion_net(args.checkpoint, device)
         set_intensity_bias(net, args.bias_alpha, args.bias_beta)
         if strip_to is not None:
             save_checkpoint(strip_to, strip_checkpoint(load_checkpoint(args.checkpoint)))
