@@ -29,9 +29,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bilevel.registry import UnknownNameError
 from experiments import fuse
-from experiments.cli import ArgumentParser
+from experiments.cli import ArgumentParser, resolve_device
+from experiments.config import ConfigError
 from experiments.evaluate import evaluate_folders
+from experiments.experiment import check_names
 from experiments.presets import list_presets
 
 __all__ = ["VARIANTS", "main"]
@@ -77,6 +80,17 @@ def _check(args: argparse.Namespace) -> list[str]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AblationError(f"--out {out} exists and is not an empty folder; choose a new one")
     return variants
+
+
+def _check_run_arguments(preset: str, extra: list[str]) -> None:
+    """What run.py checks before building anything, for one variant's command: a bad passed-through argument
+    fails here, before the output folder or any run exists."""
+    from experiments import run
+
+    cfg = run.resolve_config(run.get_args_parser().parse_args(["--preset", preset, *extra]))
+    check_names(cfg)
+    run.check_kwargs(cfg)
+    resolve_device(cfg.train.device)
 
 
 def _summary(run_dir: Path) -> dict[str, float]:
@@ -130,9 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = get_args_parser().parse_known_args(argv)
     try:
         variants = _check(args)
-    except AblationError as err:
+        for variant in variants:
+            _check_run_arguments(args.preset, [*VARIANTS[variant], *passthrough])
+    except (AblationError, ConfigError, UnknownNameError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as stop:   # run.py's command line refused them (its error line is printed)
+        return stop.code if isinstance(stop.code, int) else 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -37,6 +37,10 @@ def test_ablation_table_is_mean_and_std_of_the_runs(tmp_path: Path, capsys: pyte
     (["--preset", "synthetic_seg", "--seeds", "0"], "--seeds"),
     (["--preset", "synthetic_seg", "--variants", "full,other"], "--variants"),
     (["--preset", "synthetic_seg", "--vifb", "/nonexistent"], "--vifb"),
+    # arguments passed through to run.py are checked as run.py checks them, before any run
+    (["--preset", "synthetic_seg", "--iters", "abc"], "--iters"),
+    (["--preset", "synthetic_seg", "--device", "tpu"], "train.device"),
+    (["--preset", "synthetic_seg", "--set", "net.kwargs.foo=1"], "net.kwargs"),
 ])
 def test_bad_arguments_fail_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture, argv, key) -> None:
     out = tmp_path / "abl"
