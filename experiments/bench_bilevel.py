@@ -82,6 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seg-encoder", default="resnet18")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--tiny", action="store_true", help="bdl_tiny + critic_tiny + seg_tiny (smoke test)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute the fusion net's blocks in the backward pass (memory for time)")
     parser.add_argument(
         "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}"
     )
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     else:
         template = {
-            "net": create_fusion_net(args.net),
+            "net": create_fusion_net(args.net, **({"grad_checkpointing": True} if args.grad_checkpointing else {})),
             "critic": create_task("critic"),
             "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder),
         }
