@@ -173,8 +173,8 @@ def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
     root = str(_needs_shared("roadscene"))
     presets = [p for p in list_presets() if "roadscene" in p]
     assert len(presets) >= 2
-    for preset in presets:
-        metrics = _train_and_evaluate(tmp_path / preset, preset, "--data-root", root)
+    for preset in presets:   # 4 of the 23 held-out pairs (mixed sizes) keep the evaluation's share of CI small
+        metrics = _train_and_evaluate(tmp_path / preset, preset, "--data-root", root, "--set", "eval.max_images=4")
         assert "eval/mIoU" in metrics and "eval/EN" in metrics, preset
 
 
