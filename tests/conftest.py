@@ -1,9 +1,12 @@
-"""Shared fixtures: device/dtype, seeding, and the path to ../shared/data (skipped when absent)."""
+"""Shared fixtures: device/dtype, seeding, the path to ../shared/data (skipped when absent), and the check of a
+command that must refuse its input."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +57,29 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` → content hash ('dir' for folders): equal snapshots = nothing changed."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def expect_error(capsys):
+    """``expect_error(root, command, argv, *names)``: the command refuses its input as the toolkit's rule says —
+    exit code 2, exactly one stderr line starting ``error:`` that contains each of ``names``, no traceback, and
+    nothing under ``root`` written or changed. Returns the error line."""
+    def check(root: Path, command: Callable[[list[str]], int], argv: list[str], *names: str) -> str:
+        before = _snapshot(root)
+        rc = command(argv)
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert rc == 2, captured.err
+        assert len(lines) == 1 and lines[0].startswith("error:"), captured.err
+        for name in names:
+            assert name in lines[0], lines[0]
+        assert "Traceback" not in captured.out + captured.err
+        assert _snapshot(root) == before, "a failed command wrote or changed files"
+        return lines[0]
+    return check

@@ -8,7 +8,6 @@ damaged). Also: checkpoints that cannot be read or written, and finishing an int
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections.abc import Callable
@@ -30,12 +29,6 @@ def _png(path: Path, shape=SIZE, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape).astype(np.uint8)).save(path)
     return path
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` → content hash ('dir' for folders): equal snapshots = nothing changed."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 def _good_checkpoint(path: Path) -> Path:
@@ -87,18 +80,6 @@ def world(tmp_path_factory) -> Path:
     return w
 
 
-def _expect_error(world: Path, capsys, command: Callable[[list[str]], int], argv: list[str], names: str) -> None:
-    before = _snapshot(world)
-    rc = command(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert rc == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("error:"), captured.err
-    assert names in lines[0], lines[0]
-    assert "Traceback" not in captured.out + captured.err
-    assert _snapshot(world) == before, "a failed command wrote or changed files"
-
-
 # --------------------------------------------------------------------------------------------- evaluate.py
 def _ev(w: Path, ir="ir", vi="vi", fused=("m=fused/m",), out="evout", extra=()) -> list[str]:
     return ["--ir", str(w / ir), "--vi", str(w / vi), "--fused",
@@ -127,9 +108,9 @@ EVALUATE_CASES = {
 
 
 @pytest.mark.parametrize("case", EVALUATE_CASES)
-def test_evaluate_hostile(world, capsys, case) -> None:
+def test_evaluate_hostile(world, expect_error, case) -> None:
     kwargs, names = EVALUATE_CASES[case]
-    _expect_error(world, capsys, evaluate.main, _ev(world, **kwargs), names)
+    expect_error(world, evaluate.main, _ev(world, **kwargs), names)
 
 
 # ----------------------------------------------------------------------------------------------- tables.py
@@ -145,10 +126,10 @@ TABLES_CASES = {
 
 
 @pytest.mark.parametrize("case", TABLES_CASES)
-def test_tables_hostile(world, capsys, case) -> None:
+def test_tables_hostile(world, expect_error, case) -> None:
     argv, names = TABLES_CASES[case]
     argv = [str(world / a) if i == 0 or (i > 0 and argv[i - 1] == "--out") else a for i, a in enumerate(argv)]
-    _expect_error(world, capsys, tables.main, argv, names)
+    expect_error(world, tables.main, argv, names)
 
 
 def test_tables_overwrite_replaces_only_when_asked(world, tmp_path, capsys) -> None:
@@ -204,16 +185,16 @@ FUSE_CASES = {
 
 
 @pytest.mark.parametrize("case", FUSE_CASES)
-def test_fuse_hostile(world, capsys, case) -> None:
+def test_fuse_hostile(world, expect_error, case) -> None:
     kwargs, names = FUSE_CASES[case]
     kwargs = dict(kwargs)
     if "extra" in kwargs and kwargs["extra"][0] == "--strip":
         kwargs["extra"] = ("--strip", str(world / kwargs["extra"][1]))
-    _expect_error(world, capsys, fuse.main, _fu(world, **kwargs), names)
+    expect_error(world, fuse.main, _fu(world, **kwargs), names)
 
 
 @pytest.mark.parametrize("failure", ["full disk", "read-only"])
-def test_fuse_strip_write_failure_is_a_clear_error(world, capsys, monkeypatch, failure) -> None:
+def test_fuse_strip_write_failure_is_a_clear_error(world, expect_error, monkeypatch, failure) -> None:
     """torch.save reports both as RuntimeError; the output guard must still say which and where."""
     text = ("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: No space left on device"
             if failure == "full disk" else "File /x/strip.pt cannot be opened.")
@@ -222,8 +203,8 @@ def test_fuse_strip_write_failure_is_a_clear_error(world, capsys, monkeypatch, f
         Path(f).write_bytes(b"partial")
         raise RuntimeError(text)
     monkeypatch.setattr(torch, "save", broken)
-    _expect_error(world, capsys, fuse.main, _fu(world, extra=("--strip", str(world / "stripped.pt"))),
-                  "is full" if failure == "full disk" else "is not writable")
+    expect_error(world, fuse.main, _fu(world, extra=("--strip", str(world / "stripped.pt"))),
+                 "is full" if failure == "full disk" else "is not writable")
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -346,6 +327,6 @@ COMMAND_LINE_CASES = {
 
 
 @pytest.mark.parametrize("case", COMMAND_LINE_CASES)
-def test_bad_command_lines(world, capsys, case) -> None:
+def test_bad_command_lines(world, expect_error, case) -> None:
     main, argv, names = COMMAND_LINE_CASES[case]
-    _expect_error(world, capsys, _exit_code(main), argv, names)
+    expect_error(world, _exit_code(main), argv, names)
