@@ -622,26 +622,14 @@ class BilevelStep:
             return False
         unread = torch.full((k, k), math.nan, dtype=torch.float64)   # these rules read only its size
         weights = self._weights(parts.names, unread, losses, diag).tolist()
-        outputs, cotangents = [], []
-        for b, out in cache.items():
-            terms = [w * row[b].to(torch.float64) for w, row in zip(weights, parts.u_rows) if b in row]
-            if terms and out.value.requires_grad:
-                outputs.append(out.value)
-                cotangents.append(torch.stack(terms).sum(0).to(out.value.dtype))
-        if parts.aux_sum is not None and parts.aux_sum.requires_grad:
-            outputs.append(parts.aux_sum)
-            cotangents.append(torch.full_like(parts.aux_sum, weights[-1]))
-        x = parts.params
-        grads: Sequence[Tensor | None] = [None] * len(x)
-        if outputs and x:
-            grads = torch.autograd.grad(outputs, x, cotangents, allow_unused=True)
-        reached = [g is not None for g in grads]
-        dense = [torch.zeros_like(p) if g is None else g for p, g in zip(x, grads)]
-        if self.reduce is not None:   # as _rows: one flat reduce, and a parameter any rank reaches counts
-            dense = list(_reduce_flat(dense, self.reduce))
-            hit = self.reduce(torch.tensor(reached, dtype=dense[0].dtype, device=dense[0].device))
-            reached = (hit > 0).tolist()
-        for p, g, r in zip(x, dense, reached):
+        combined: dict[str, Tensor] = {}
+        for w, row in zip(weights, parts.u_rows):
+            for b, u in row.items():
+                term = w * u.to(torch.float64)
+                combined[b] = combined[b] + term if b in combined else term
+        aux = None if parts.aux_sum is None else parts.aux_sum * weights[-1]
+        rows, reached = self._reduce_rows(*self._vjp_rows(cache, [combined], aux, parts.params))
+        for p, g, r in zip(parts.params, rows[0], reached):
             p.grad = g.to(p.dtype) if r else None
         return self._update(diag, reduce_grads=False)
 
@@ -684,18 +672,24 @@ class BilevelStep:
 
     def _rows(self, names: list[str], rows: list[tuple[Tensor, ...]], losses: list[Tensor],
               aux: dict[str, Tensor], params: list[Tensor], reached: list[bool]) -> _Rows:
-        """Both paths end here: the stacked rows and the losses are DDP-reduced (global rows, so the Gramian
-        rules see the global batch), then packed. A parameter counts as reached if a row of any rank reaches
-        it, so every rank updates the same parameters."""
+        """Both paths end here: the stacked rows (:meth:`_reduce_rows`) and the losses are DDP-reduced (global
+        rows, so the Gramian rules see the global batch), then packed."""
         loss_t = _stack64(losses + list(aux.values()))
+        rows, reached = self._reduce_rows(rows, reached)
         if self.reduce is not None:
-            flat = self.reduce(torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows]))
-            rows = [_split(flat[i], row) for i, row in enumerate(rows)]
             loss_t = self.reduce(loss_t)
-            hit = self.reduce(torch.tensor(reached, dtype=flat.dtype, device=flat.device))
-            reached = (hit > 0).tolist()
         k = len(rows)
         return _Rows(names, loss_t[:k], rows, params, reached, dict(zip(aux, loss_t[k:].tolist())))
+
+    def _reduce_rows(self, rows: list[tuple[Tensor, ...]], reached: list[bool]
+                     ) -> tuple[list[tuple[Tensor, ...]], list[bool]]:
+        """DDP: the stacked rows reduced in one collective; a parameter counts as reached if a row of any rank
+        reaches it, so every rank updates the same parameters. Unchanged without ``reduce``."""
+        if self.reduce is None:
+            return rows, reached
+        flat = self.reduce(torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows]))
+        hit = self.reduce(torch.tensor(reached, dtype=flat.dtype, device=flat.device))
+        return [_split(flat[i], row) for i, row in enumerate(rows)], (hit > 0).tolist()
 
     def _image_cotangents(self, cache, batches) -> _Cotangents:
         """Per row, the image-space gradients u_{k,s} on the streams it lives on (estimators on the images)."""
