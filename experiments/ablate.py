@@ -55,8 +55,8 @@ class AblationError(ValueError):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="experiments/ablate.py", description=__doc__.split("\n\n")[0],
-                                epilog="Any further arguments (e.g. --iters 500 --set train.batch=8 --device cuda) "
-                                       "are passed to every run.py command.")
+                       epilog="Any further arguments (e.g. --iters 500 --set train.batch=8 --device cuda) "
+                              "are passed to every run.py command.")
     p.add_argument("--preset", required=True, help="preset to ablate")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 … N-1 per variant (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")

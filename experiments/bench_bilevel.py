@@ -31,7 +31,14 @@ from collections.abc import Callable
 import torch
 
 from bilevel import BilevelStep, Constraint
-from experiments.cli import ArgumentParser, device_name, image_size, non_negative_int, positive_int
+from experiments.cli import (
+    ArgumentParser,
+    device_name,
+    image_size,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 from fusion.colour import to_image
 from fusion.data import collate_pairs, create_dataset
 from fusion.nets import create_fusion_net
@@ -74,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=positive_int, default=2, help="LL and UL batch size (GPU target: 8)")
     parser.add_argument("--iters", type=positive_int, default=5, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per configuration")
-    parser.add_argument("--device", type=device_name, default=None, help="cpu / cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu / cuda / auto (default: cuda if available)")
     parser.add_argument(
         "--amp", choices=("none", "bf16"), default="none", help="autocast dtype (GPU target: bf16)"
     )
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = [k.strip() for k in args.configs.split(",") if k.strip()]
     if set(keys) - set(CONFIGS) or not {"joint", "gn", "gn_lower"} <= set(keys):
         parser.error(f"--configs needs joint, gn and gn_lower; choose from {', '.join(CONFIGS)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, what="--device")
     if args.threads:
         torch.set_num_threads(args.threads)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None

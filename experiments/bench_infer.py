@@ -15,7 +15,14 @@ import time
 
 import torch
 
-from experiments.cli import ArgumentParser, device_name, image_size, non_negative_int, positive_int
+from experiments.cli import (
+    ArgumentParser,
+    device_name,
+    image_size,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 from experiments.fuse import Fuser
 from fusion.nets import create_fusion_net
 
@@ -68,8 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device, what="--device")
     height, width = args.size
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     unknown = [c for c in wanted if c not in CONFIGS]

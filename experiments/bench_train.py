@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.cli import ArgumentParser, device_name, positive_int
+from experiments.cli import ArgumentParser, device_name, positive_int, resolve_device
 from experiments.config import apply_overrides
 from experiments.engine import train
 from experiments.experiment import build
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for preset, iters, root in jobs:
         r = measure(preset, iters, args.device, root)
-        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+        device = resolve_device(args.device, what="--device").type
         share = max(0.0, r["runner_s"] - r["bare_s"]) / r["runner_s"]
         print(f"| {preset} | {device} | {1e3 * r['bare_s']:.1f} | {1e3 * r['runner_s']:.1f} | "
               f"{r['runner_s'] / r['bare_s']:.2f} | {100 * share:.0f} % | {r['pairs_per_s']:.1f} | "
