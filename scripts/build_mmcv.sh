@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and installs mmcv 2.1.0 (CPU ops) into the active Python, for the optional mmdet backend.
 # Why a script: `pip install mmcv` fails on torch 2.14 (no pkg_resources in the build env, and torch's
-# headers need C++20 while mmcv forces C++17). See ../shared/docs/dependencies.md. ~5 min on 2 cores.
+# headers need C++20 while mmcv forces C++17). ~5 min on 2 cores.
 # Usage: bash scripts/build_mmcv.sh [WHEEL_DIR]   (WHEEL_DIR keeps the built wheel; default: a temp dir)
 set -euo pipefail
 out="${1:-$(mktemp -d)}"
