@@ -163,10 +163,12 @@ def test_synthetic_presets(tmp_path: Path, preset: str) -> None:
     _train_and_evaluate(tmp_path, preset)
 
 
+@pytest.mark.xdist_group("peak_memory")
 def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
     """Both RoadScene presets, one after the other in one test: at their size (batch 16 × 192 px, BDL's full
     net) a bi-level step on the CPU peaks at about 12-14 GB, so two running at once on the two test workers
-    exceed a 24 GiB machine."""
+    exceed a 24 GiB machine; for the same reason ``tc_moa_general`` (14 GB) shares their worker
+    (``xdist_group``, honoured by ``--dist loadgroup``)."""
     root = str(_needs_shared("roadscene"))
     presets = [p for p in list_presets() if "roadscene" in p]
     assert len(presets) >= 2
@@ -226,3 +228,13 @@ def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
     metrics = _train_and_evaluate(tmp_path, "bdl_mfnet_seg", "--data", "msrs_person8", "--data-root", str(root),
                                   "--set", "data.holdout=4")
     assert 0.0 <= metrics["eval/mIoU"] <= 1.0
+
+
+@pytest.mark.xdist_group("peak_memory")
+def test_tc_moa_general_on_real_benchmarks(tmp_path: Path) -> None:
+    """One iteration (a batch of 3 pairs of each task at 448 px through the ViT-B TC-MoA) and the evaluation of
+    the held-out pairs, on the real VIFB, MEF and MFF pairs."""
+    for name in ("vifb", "mef", "mff"):
+        _needs_shared(name)
+    metrics = _train_and_evaluate(tmp_path, "tc_moa_general", "--data-root", str(SHARED))
+    assert "eval/EN" in metrics
