@@ -163,12 +163,15 @@ def test_synthetic_presets(tmp_path: Path, preset: str) -> None:
     _train_and_evaluate(tmp_path, preset)
 
 
-@pytest.mark.xdist_group("peak_memory")
+# The real-size runs that peak at 12-14 GB on the CPU (RoadScene's batch 16 × 192 px, BDL's full-resolution
+# net at 384 px with the LL and UL graphs, TC-MoA's ViT-B at 448 px) share one test worker: two at once exceed
+# a 24 GiB machine (``xdist_group``, honoured by ``--dist loadgroup``).
+PEAK_MEMORY = pytest.mark.xdist_group("peak_memory")
+
+
+@PEAK_MEMORY
 def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
-    """Both RoadScene presets, one after the other in one test: at their size (batch 16 × 192 px, BDL's full
-    net) a bi-level step on the CPU peaks at about 12-14 GB, so two running at once on the two test workers
-    exceed a 24 GiB machine; for the same reason ``tc_moa_general`` (14 GB) shares their worker
-    (``xdist_group``, honoured by ``--dist loadgroup``)."""
+    """Both RoadScene presets, one after the other."""
     root = str(_needs_shared("roadscene"))
     presets = [p for p in list_presets() if "roadscene" in p]
     assert len(presets) >= 2
@@ -186,7 +189,7 @@ def test_bdl_mfnet_seg_on_segmentation_layouts(tmp_path: Path, data: str) -> Non
     assert 0.0 <= metrics["eval/mIoU"] <= 1.0
 
 
-@pytest.mark.parametrize("data", ["m3fd", "llvip"])
+@pytest.mark.parametrize("data", [pytest.param("m3fd", marks=PEAK_MEMORY), "llvip"])
 def test_bdl_m3fd_det_on_detection_layouts(tmp_path: Path, data: str) -> None:
     root = FIXTURES[data](tmp_path / data)
     metrics = _train_and_evaluate(tmp_path, "bdl_m3fd_det", "--data", data, "--data-root", str(root),
@@ -222,6 +225,7 @@ def test_crop_sizes_are_checked_against_the_data_before_training(tmp_path: Path,
     assert any("smaller than the 72 px crop" in r.getMessage() for r in caplog.records)     # 64 → 72 px: said
 
 
+@PEAK_MEMORY
 def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
     """The 8 real MSRS pairs with person masks: segmentation labels, and the saliency map of loss and critic."""
     root = _needs_shared("msrs_person8")
@@ -230,7 +234,7 @@ def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
     assert 0.0 <= metrics["eval/mIoU"] <= 1.0
 
 
-@pytest.mark.xdist_group("peak_memory")
+@PEAK_MEMORY
 def test_tc_moa_general_on_real_benchmarks(tmp_path: Path) -> None:
     """One iteration (a batch of 3 pairs of each task at 448 px through the ViT-B TC-MoA) and the evaluation of
     the held-out pairs, on the real VIFB, MEF and MFF pairs."""
