@@ -24,6 +24,12 @@ One call of :meth:`BilevelStep.step` is one iteration t of the method (see ``doc
    the standalone row's plain gradient, aggregation, ``.grad`` of the upper parameters, optional clipping, one
    upper optimiser step.
 
+``reuse_lower_grads=True`` (``gn`` and ``bdl_code`` on the image path; off by default because it changes the
+hypergradient) takes ∇ₓf_k and ∇_y f_k from the backward of constraint k's last LL step in step 2, i.e. at y
+before that step, instead of a further forward and backward of the constraint at the updated y in step 3: one
+constraint pass less per constraint and upper step, with ∇_y F and ∇_y f one LL step apart. The LL step's
+forward runs in the constraint's training mode (``constraint_eval`` does not apply to it).
+
 :meth:`BilevelStep.warmup` is the engine's warm-up phase: the same LL phase, then one upper update from the
 standalone row alone (its plain gradient, no hypergradients, no aggregator) through the same update code
 (DDP reduce, clipping, scheduler, non-finite skip). It ignores ``ul_every`` and does not advance
@@ -95,6 +101,9 @@ from .estimators import USES_LOWER_X, check_hypergrad_options, hypergrad
 _LR_DEFAULTS = {"fd": "xi", "unrolled": "lr", "neumann": "alpha", "bdl_code": "eta"}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ROW = "fusion"  # name of the standalone upper row
+# Estimators that read the lower objective only through its first derivatives at the current point, so the
+# last LL step's backward can supply them (``reuse_lower_grads``).
+REUSES_LOWER_GRADS = ("gn", "bdl_code")
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,8 @@ class BilevelStep:
         row_stats: form the K parameter-space rows and report their norms and cosines. None (default): only
             when the aggregator reads them (``uses_gramian``); otherwise the image path applies the same
             update from one backward pass through the upper net instead of K.
+        reuse_lower_grads: ``gn``/``bdl_code`` on the image path take ∇f from the last LL step's backward (at
+            the pre-step y) instead of a further constraint pass at the updated y (see module docstring).
 
     Example:
         >>> seg = Constraint("seg", seg_net, seg_opt, seg_loss, seg_loss, ll_stream="train", ul_stream="val")
@@ -308,6 +319,7 @@ class BilevelStep:
         upper_scheduler: Any = None,
         constraint_eval: bool = False,
         row_stats: bool | None = None,
+        reuse_lower_grads: bool = False,
     ):
         self.constraints = list(constraints)
         names = [c.name for c in self.constraints]
@@ -324,6 +336,9 @@ class BilevelStep:
         for c in self.constraints:
             if c.lower_steps < 1:
                 raise ValueError(f"constraint {c.name!r}: lower_steps must be >= 1")
+        if reuse_lower_grads and (hypergrad not in REUSES_LOWER_GRADS or path != "image"):
+            raise ValueError(f"reuse_lower_grads needs hypergrad in {REUSES_LOWER_GRADS} on the image path, got "
+                             f"hypergrad={hypergrad!r}, path={path!r}")
         self.hypergrad_options = dict(hypergrad_options or {})
         lr_key = _LR_DEFAULTS.get(hypergrad)
         check_hypergrad_options(hypergrad, self.hypergrad_options, provided=[lr_key] if lr_key else [])
@@ -333,7 +348,7 @@ class BilevelStep:
         self.upper_loss, self.upper_scheduler, self.upper_stream = upper_loss, upper_scheduler, upper_stream
         self.method, self.ul_every, self.path = hypergrad, int(ul_every), path
         self.amp_dtype, self.grad_clip, self.reduce = amp_dtype, grad_clip, reduce
-        self.constraint_eval = constraint_eval
+        self.constraint_eval, self.reuse_lower_grads = constraint_eval, bool(reuse_lower_grads)
         self.row_stats = self.aggregator.uses_gramian if row_stats is None else bool(row_stats)
         self.streams: dict[str, tuple[str, str]] = {
             c.name: (
@@ -405,11 +420,14 @@ class BilevelStep:
         if upper_step and self.upper_loss is None and any(out.aux for out in cache.values()):
             self._require(batches, ul=False, upper_row=True)  # those aux must reach the upper row
         self.iteration += 1
-        if not self._lower_phase(cache, batches, buffers, diag):
+        # constraint → (∇_z f, ∇_y f) of its last LL step, when the upper step reuses them
+        lower_grads: dict[str, tuple[Tensor, list[Tensor]]] | None = (
+            {} if upper_step and self.reuse_lower_grads else None)
+        if not self._lower_phase(cache, batches, buffers, diag, lower_grads):
             return diag
         del buffers
         if upper_step:
-            ok = self._upper_phase(cache, batches, diag)
+            ok = self._upper_phase(cache, batches, diag, lower_grads)
             diag["upper_step"] = float(ok)
             diag["nonfinite"] = float(not ok)
         return diag
@@ -512,21 +530,28 @@ class BilevelStep:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.path == "image"):
             return bool(self._fused(cache, batches, self.upper_stream).aux)
 
-    def _lower_phase(self, cache, batches, buffers: _Buffers, diag) -> bool:
+    def _lower_phase(self, cache, batches, buffers: _Buffers, diag,
+                     lower_grads: dict[str, tuple[Tensor, list[Tensor]]] | None = None) -> bool:
         """LL steps. False when a non-finite loss stopped them (``nonfinite=1``; buffers restored if at the
-        first inner step)."""
+        first inner step). ``lower_grads`` (a dict) receives each constraint's (∇_z f, ∇_y f) of its last
+        step, before any DDP reduce (the estimator reduces ∇_y f as it does its own)."""
         for s in range(max((c.lower_steps for c in self.constraints), default=0)):
             active = [c for c in self.constraints if s < c.lower_steps]
             losses = []
             for c in active:
                 c.optimizer.zero_grad(set_to_none=True)
                 stream = self.streams[c.name][0]
+                keep = lower_grads is not None and s == c.lower_steps - 1
+                z = _as_input(cache[stream].value).detach().requires_grad_(keep)
                 with self._autocast():
-                    loss = _loss(
-                        c.lower_loss(_as_input(cache[stream].value).detach(), batches[stream]),
-                        f"{c.name}.lower_loss",
-                    )
+                    loss = _loss(c.lower_loss(z, batches[stream]), f"{c.name}.lower_loss")
                 loss.backward()
+                if keep:
+                    ys = _trainable(c.module)[1]
+                    lower_grads[c.name] = (
+                        torch.zeros_like(z) if z.grad is None else z.grad,
+                        [torch.zeros_like(y) if y.grad is None else y.grad.clone() for y in ys],
+                    )
                 losses.append(loss.detach().float())
             stacked = torch.stack(losses)
             for c, v in zip(active, stacked.tolist()):
@@ -566,7 +591,7 @@ class BilevelStep:
         out = torch.func.functional_call(self._bound[c.name][which], params, (z, batch))
         return _loss(out, f"{c.name}.{'upper' if which else 'lower'}_loss")
 
-    def _upper_phase(self, cache, batches, diag) -> bool:
+    def _upper_phase(self, cache, batches, diag, lower_grads=None) -> bool:
         for p in self.upper.parameters():
             p.grad = None
         modules = [c.module for c in self.constraints]
@@ -580,7 +605,7 @@ class BilevelStep:
             with self._autocast():
                 if self.path == "param":
                     return self._apply(self._param_rows(cache, batches), diag)
-                parts = self._image_cotangents(cache, batches)
+                parts = self._image_cotangents(cache, batches, lower_grads)
                 if not self.row_stats:
                     return self._apply_combined(cache, parts, diag)
                 rows, reached = self._vjp_rows(cache, parts.u_rows, parts.aux_sum, parts.params)
@@ -691,8 +716,11 @@ class BilevelStep:
         hit = self.reduce(torch.tensor(reached, dtype=flat.dtype, device=flat.device))
         return [_split(flat[i], row) for i, row in enumerate(rows)], (hit > 0).tolist()
 
-    def _image_cotangents(self, cache, batches) -> _Cotangents:
-        """Per row, the image-space gradients u_{k,s} on the streams it lives on (estimators on the images)."""
+    def _image_cotangents(self, cache, batches, lower_grads=None) -> _Cotangents:
+        """Per row, the image-space gradients u_{k,s} on the streams it lives on (estimators on the images).
+
+        With ``lower_grads`` the lower objective is the linear function whose gradients are the LL step's
+        (∇_z f, ∇_y f): the estimator sees exactly those first derivatives, and no constraint pass runs."""
         u_rows: list[dict[str, Tensor]] = []
         losses: list[Tensor] = []
         for c in self.constraints:
@@ -709,8 +737,13 @@ class BilevelStep:
                 record["loss"] = value = self._call(c, 1, ys, xs[0], ulb)
                 return value
 
-            def lower(xs, ys, c=c, llb=llb, il=il):
-                return self._call(c, 0, ys, xs[il], llb)
+            if lower_grads is None:
+                def lower(xs, ys, c=c, llb=llb, il=il):
+                    return self._call(c, 0, ys, xs[il], llb)
+            else:
+                def lower(xs, ys, grads=lower_grads[c.name], il=il):
+                    gz, gys = grads
+                    return sum(((y * g).sum() for y, g in zip(ys, gys)), (xs[il] * gz).sum())
 
             u = hypergrad(
                 self.method,

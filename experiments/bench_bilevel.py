@@ -8,7 +8,9 @@ Times, side by side in one run on whatever device is present, BDL's DRDB fusion 
 * ``bilevel`` with ``gn`` on the image path (the fast path): an iteration with an upper update
   (``ul_every=1``) and a lower-only iteration; the BDL-schedule average is (9·lower-only + 1·full)/10;
   aggregation ``gradnorm_softmax`` (it reads the K parameter-space rows: one VJP per row), and ``gn_onevjp``
-  with ``bdl_released`` weights, which ignore the rows (one VJP of the weighted sum);
+  with ``bdl_released`` weights, which ignore the rows (one VJP of the weighted sum); ``gn_reuse`` as
+  ``gn_onevjp`` with ∇f taken from the LL step (``reuse_lower_grads``: one constraint pass less, a different
+  estimate);
 * ``gn`` on the parameter path (exact rows, one pass per constraint: the "naive" implementation);
 * ``unrolled`` K = 1 and K = 3 on the image path.
 
@@ -56,6 +58,11 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         "bi-level gn, image path, bdl_released weights (one VJP, no rows), with UL",
         "bilevel",
         dict(hypergrad="gn", aggregate="bdl_released"),
+    ),
+    "gn_reuse": (
+        "bi-level gn, image path, bdl_released weights, ∇f from the LL step (reuse_lower_grads), with UL",
+        "bilevel",
+        {"hypergrad": "gn", "aggregate": "bdl_released", "reuse_lower_grads": True},
     ),
     "gn_param": (
         "bi-level gn, param path (per-constraint passes), with UL",

@@ -29,6 +29,7 @@ from typing import Any
 
 from bilevel.aggregate import aggregator_parameters, list_aggregators
 from bilevel.estimators import hypergrad_parameters, list_hypergrads
+from bilevel.step import REUSES_LOWER_GRADS
 
 __all__ = [
     "ConfigError",
@@ -246,6 +247,9 @@ class _BilevelBase:
         _check_choice("bilevel.path", self.path, ("image", "param"))
         if self.ul_every < 1:
             raise ConfigError(f"bilevel.ul_every={self.ul_every} must be >= 1")
+        if self.reuse_lower_grads and (self.hypergrad not in REUSES_LOWER_GRADS or self.path != "image"):
+            raise ConfigError(f"bilevel.reuse_lower_grads=true needs bilevel.hypergrad in {list(REUSES_LOWER_GRADS)} "
+                              f"and bilevel.path=image; got {self.hypergrad!r} on the {self.path} path")
 
     def _options(self, name: str) -> dict[str, Any]:
         section = getattr(self, name, None)
@@ -280,6 +284,7 @@ BilevelConfig = dataclasses.make_dataclass(
      ("grad_clip", float | None, field(default=None)),
      ("fusion_row", bool, field(default=True)),         # the fusion loss as a standalone upper row
      ("row_stats", bool | None, field(default=None)),   # per-row norms/cosines; None: when the rule reads them
+     ("reuse_lower_grads", bool, field(default=False)),  # gn/bdl_code: ∇f from the LL step (pre-step y)
      *[(name, cls, field(default_factory=cls)) for name, cls in {**ESTIMATOR_SECTIONS,
                                                                    **AGGREGATOR_SECTIONS}.items()]],
     bases=(_BilevelBase,), frozen=True, namespace={"__module__": __name__})

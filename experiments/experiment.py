@@ -398,6 +398,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
         hypergrad=cfg.bilevel.hypergrad, hypergrad_options=cfg.bilevel.estimator_options(),
         aggregate=cfg.bilevel.aggregate, aggregate_options=aggregator_options(cfg, len(constraints)),
         ul_every=cfg.bilevel.ul_every, path=cfg.bilevel.path, row_stats=cfg.bilevel.row_stats,
+        reuse_lower_grads=cfg.bilevel.reuse_lower_grads,
         amp_dtype=torch.bfloat16 if cfg.train.amp == "bf16" else None,
         grad_clip=cfg.bilevel.grad_clip, reduce=reduce, upper_scheduler=upper_sched)
     return exp

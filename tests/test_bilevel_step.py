@@ -205,15 +205,20 @@ def test_image_path_equals_param_path_with_fusion_row_and_rlw():
     assert cos == {"hypergrad/cos/critic-seg", "hypergrad/cos/critic-fusion", "hypergrad/cos/seg-fusion"}
 
 
-def _gn_reference_rows(ref):
-    """LL steps on the detached LL image, then each constraint's gn row by plain autograd on the modules."""
+def _gn_reference_rows(ref, pre_step_lower: bool = False):
+    """LL steps on the detached LL image, then each constraint's gn row by plain autograd on the modules.
+
+    ``pre_step_lower``: ∇f taken at the constraint's parameters before its LL step (``reuse_lower_grads``)."""
+    x = list(ref.upper.parameters())
     with torch.no_grad():
         z = forward(ref.upper, LL)
-    for c_opt, f in ((ref.c_opt, critic_lower(ref.critic)), (ref.s_opt, seg_loss(ref.seg))):
+    stale = {}
+    for mod, c_opt, f in ((ref.critic, ref.c_opt, critic_lower(ref.critic)), (ref.seg, ref.s_opt, seg_loss(ref.seg))):
+        if pre_step_lower:
+            stale[mod] = torch.autograd.grad(f(forward(ref.upper, LL), LL), x + list(mod.parameters()))
         c_opt.zero_grad()
         f(z, LL).backward()
         c_opt.step()
-    x = list(ref.upper.parameters())
     rows = []
     for mod, upper, lower, ulb in (
         (ref.critic, critic_upper(ref.critic), critic_lower(ref.critic), UL_C),
@@ -221,7 +226,7 @@ def _gn_reference_rows(ref):
     ):
         y = list(mod.parameters())
         gF = torch.autograd.grad(upper(forward(ref.upper, ulb), ulb), x + y)
-        gf = torch.autograd.grad(lower(forward(ref.upper, LL), LL), x + y)
+        gf = stale[mod] if pre_step_lower else torch.autograd.grad(lower(forward(ref.upper, LL), LL), x + y)
         a = sum((p * q).sum() for p, q in zip(gF[len(x) :], gf[len(x) :]))
         b = sum(q.pow(2).sum() for q in gf[len(x) :]) + 1e-12
         rows.append([gF[i] - a / b * gf[i] for i in range(len(x))])
@@ -236,6 +241,32 @@ def test_gn_step_matches_hand_written_reference():
     s = base.clone()
     s.step(hypergrad="gn").step(BATCHES)
     _assert_states([p.grad for p in s.upper.parameters()], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_reuse_lower_grads_takes_the_ll_steps_gradients():
+    """``reuse_lower_grads``: the gn rows with ∇f of the LL step (pre-step y), and one constraint pass less."""
+    base = Setup()
+    expected = [0.3 * r0 + 0.7 * r1 for r0, r1 in zip(*_gn_reference_rows(base.clone(), pre_step_lower=True))]
+    exact = [0.3 * r0 + 0.7 * r1 for r0, r1 in zip(*_gn_reference_rows(base.clone()))]
+    calls = {}
+    for reuse in (False, True):
+        s = base.clone()
+        step = s.step(hypergrad="gn", reuse_lower_grads=reuse)
+        counts = {"critic": 0, "seg": 0}
+        for net in ("critic", "seg"):
+            getattr(s, net).register_forward_hook(lambda *_, k=net, n=counts: n.__setitem__(k, n[k] + 1))
+        step.step(BATCHES)
+        calls[reuse] = counts
+    _assert_states([p.grad for p in s.upper.parameters()], expected, rtol=1e-9, atol=1e-12)
+    assert max(float((g - e).abs().max()) for g, e in zip(expected, exact)) > 1e-6   # a different estimate
+    # critic: lower_loss calls it twice (fused and target), the UL loss once; seg once per loss
+    assert calls[False] == {"critic": 5, "seg": 3} and calls[True] == {"critic": 3, "seg": 2}
+
+
+@pytest.mark.parametrize("kw", [{"hypergrad": "cg"}, {"hypergrad": "unrolled"}, {"hypergrad": "gn", "path": "param"}])
+def test_reuse_lower_grads_needs_a_first_order_estimator_on_the_image_path(kw):
+    with pytest.raises(ValueError, match="reuse_lower_grads"):
+        Setup().step(reuse_lower_grads=True, **kw)
 
 
 def test_lower_steps_do_not_touch_upper_grads_and_schedule():

@@ -181,6 +181,13 @@ def test_estimator_sections_match_bilevel_options() -> None:
         check_hypergrad_options(name, opts, provided=lr_like)
 
 
+def test_reuse_lower_grads_is_refused_where_the_step_cannot_reuse_them() -> None:
+    assert apply_overrides(RunConfig(), ["bilevel.reuse_lower_grads=true"]).bilevel.reuse_lower_grads
+    for overrides in (["bilevel.hypergrad=cg"], ["bilevel.path=param"]):
+        with pytest.raises(ConfigError, match="bilevel.reuse_lower_grads=true needs"):
+            apply_overrides(RunConfig(), [*overrides, "bilevel.reuse_lower_grads=true"])
+
+
 def test_aggregator_sections_build_aggregators() -> None:
     from bilevel.aggregate import create_aggregator
 

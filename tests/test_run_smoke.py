@@ -145,6 +145,7 @@ def test_logged_keys_of_contracts_reach_wandb(seg_run) -> None:
     (["--task", "seg", "--fusion-net", "tc_moa_tiny", "--hypergrad", "gn"], "seg"),
     (["--task", "seg", "--fusion-net", "bdl_tiny", "--hypergrad", "unrolled"], "seg"),
     (["--task", "seg", "--hypergrad", "cg", "--aggregate", "mgda"], "seg"),     # parameter-space rows
+    (["--task", "seg", "--set", "bilevel.reuse_lower_grads=true"], "seg"),     # ∇f from the LL step
 ])
 def test_smoke_variants(argv, task, tmp_path) -> None:
     result = run.main([*argv, "--smoke", "--wandb", "disabled", "--out", str(tmp_path)])
