@@ -1,10 +1,10 @@
 """Every preset trains (a warm-up, and a bi-level upper step where the CI budget allows) and evaluates at its own
 crop, batch and nets.
 
-Real data from ../shared/data where it exists (RoadScene, MEF, MFF, MSRS person masks); otherwise a generated
-fixture of the dataset's folder layout with realistic, mixed image sizes (MFNet, MSRS, FMB, M3FD, LLVIP). Only
-the number of iterations is reduced (see :func:`_train_and_evaluate`), so a preset that cannot run at its real
-sizes on its real layout fails here, not on a user's GPU.
+Real data from ../shared/data where it exists (RoadScene; VIFB, MEF and MFF for ``tc_moa_general``; MSRS person
+masks); otherwise a generated fixture of the dataset's folder layout with realistic, mixed image sizes (MFNet,
+MSRS, FMB, M3FD, LLVIP). Only the number of iterations is reduced (see :func:`_train_and_evaluate`), so a preset
+that cannot run at its real sizes on its real layout fails here, not on a user's GPU.
 """
 
 from __future__ import annotations
