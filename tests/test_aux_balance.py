@@ -20,8 +20,9 @@ from fusion.nets import create_fusion_net
 from fusion.nets.registry import fused_output
 
 
-@pytest.mark.parametrize("net, keys", [("moe_fusion", ("balance_mole_fg", "balance_mole_bg", "balance_moge")),
-                                       ("tc_moa", ("mir", "balance"))])
+# The tiny nets (same classes, smaller widths); tests/test_presets.py checks the full TC-MoA's aux at its size.
+@pytest.mark.parametrize("net, keys", [("moe_fusion_tiny", ("balance_mole_fg", "balance_mole_bg", "balance_moge")),
+                                       ("tc_moa_tiny", ("mir", "balance"))])
 def test_every_upper_step_logs_each_aux_loss(tmp_path: Path, net: str, keys: tuple[str, ...]) -> None:
     result = run.main(["--smoke", "--fusion-net", net, "--task", "seg", "--crop", "48", "--out", str(tmp_path),
                        "--wandb", "disabled", "--set", "log.progress=False"])

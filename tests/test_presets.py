@@ -126,11 +126,12 @@ FIXTURES = {"mfnet": write_mfnet, "msrs": write_msrs, "fmb": write_fmb, "m3fd": 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bool = True) -> dict[str, float]:
+def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bool = True,
+                        aux: tuple[str, ...] = ()) -> dict[str, float]:
     """A warm-up iteration (where the preset has one), then iterations up to the first bi-level upper step (BDL's
     paper presets: 10, their schedule), then evaluation. With ``upper_step=False`` (other layouts of a dataset
     that a test already takes through an upper step at the same sizes) two iterations: lower-level steps and
-    the data path at full size."""
+    the data path at full size. ``aux``: the net's auxiliary losses the last upper step must log (finite)."""
     cfg = get_preset(preset)
     warmup = ["--set", "train.warmup_iters=1"] if cfg.train.warmup_iters else []
     reaches_upper = cfg.bilevel.ul_every <= 2 or upper_step
@@ -148,6 +149,9 @@ def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bo
     assert rows, "no training row logged"
     for k in exp.cfg.constraints if reaches_upper else ():   # the last iteration was an upper step through all
         assert math.isfinite(float(rows[-1][f"loss/upper/{k}"])), k
+    for name in aux:
+        keys = [k for k in rows[-1] if k.startswith("loss/aux/") and k.endswith(name) and rows[-1][k]]
+        assert keys and all(math.isfinite(float(rows[-1][k])) for k in keys), (name, sorted(rows[-1]))
     return metrics
 
 
@@ -248,5 +252,5 @@ def test_tc_moa_general_on_real_benchmarks(tmp_path: Path) -> None:
     the held-out pairs, on the real VIFB, MEF and MFF pairs."""
     for name in ("vifb", "mef", "mff"):
         _needs_shared(name)
-    metrics = _train_and_evaluate(tmp_path, "tc_moa_general", "--data-root", str(SHARED))
+    metrics = _train_and_evaluate(tmp_path, "tc_moa_general", "--data-root", str(SHARED), aux=("mir", "balance"))
     assert "eval/EN" in metrics
