@@ -106,6 +106,12 @@ _ROW = "fusion"  # name of the standalone upper row
 REUSES_LOWER_GRADS = ("gn", "bdl_code")
 
 
+def can_reuse_lower_grads(hypergrad: str, path: str) -> bool:
+    """Whether ``reuse_lower_grads`` applies: one of :data:`REUSES_LOWER_GRADS`, on the image path (the
+    parameter path differentiates f through the upper net, which the LL step's backward does not)."""
+    return hypergrad in REUSES_LOWER_GRADS and path == "image"
+
+
 @dataclass(frozen=True)
 class UpperOutput:
     """What ``forward(upper, batch)`` may return instead of a bare tensor.
@@ -336,7 +342,7 @@ class BilevelStep:
         for c in self.constraints:
             if c.lower_steps < 1:
                 raise ValueError(f"constraint {c.name!r}: lower_steps must be >= 1")
-        if reuse_lower_grads and (hypergrad not in REUSES_LOWER_GRADS or path != "image"):
+        if reuse_lower_grads and not can_reuse_lower_grads(hypergrad, path):
             raise ValueError(f"reuse_lower_grads needs hypergrad in {REUSES_LOWER_GRADS} on the image path, got "
                              f"hypergrad={hypergrad!r}, path={path!r}")
         self.hypergrad_options = dict(hypergrad_options or {})

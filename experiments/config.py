@@ -29,7 +29,7 @@ from typing import Any
 
 from bilevel.aggregate import aggregator_parameters, list_aggregators
 from bilevel.estimators import hypergrad_parameters, list_hypergrads
-from bilevel.step import REUSES_LOWER_GRADS
+from bilevel.step import REUSES_LOWER_GRADS, can_reuse_lower_grads
 
 __all__ = [
     "ConfigError",
@@ -247,7 +247,7 @@ class _BilevelBase:
         _check_choice("bilevel.path", self.path, ("image", "param"))
         if self.ul_every < 1:
             raise ConfigError(f"bilevel.ul_every={self.ul_every} must be >= 1")
-        if self.reuse_lower_grads and (self.hypergrad not in REUSES_LOWER_GRADS or self.path != "image"):
+        if self.reuse_lower_grads and not can_reuse_lower_grads(self.hypergrad, self.path):
             raise ConfigError(f"bilevel.reuse_lower_grads=true needs bilevel.hypergrad in {list(REUSES_LOWER_GRADS)} "
                               f"and bilevel.path=image; got {self.hypergrad!r} on the {self.path} path")
 
