@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = [("synthetic_seg", args.iters, None)]
     if args.data_root:
         jobs.append(("bdl_roadscene_seg", args.roadscene_iters, args.data_root))
+    device = resolve_device(args.device, what="--device").type
     rows = []
     print("| preset | device | bare step ms | runner iteration ms | runner / bare | data share | "
           "loader pairs/s | per worker |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for preset, iters, root in jobs:
         r = measure(preset, iters, args.device, root)
-        device = resolve_device(args.device, what="--device").type
         share = max(0.0, r["runner_s"] - r["bare_s"]) / r["runner_s"]
         print(f"| {preset} | {device} | {1e3 * r['bare_s']:.1f} | {1e3 * r['runner_s']:.1f} | "
               f"{r['runner_s'] / r['bare_s']:.2f} | {100 * share:.0f} % | {r['pairs_per_s']:.1f} | "
