@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             base_vals.clear()
             base_vals.extend(base_fn(fu[i], ir[i], vi[i]) for i in range(nb))
 
-        tb_ = _time(run_base, 1) / nb
+        tb_ = _time(run_base, args.repeats) / nb
         to_ = _time(ours([name]), args.repeats) / args.pairs
         total_base += tb_
         total_ours += to_

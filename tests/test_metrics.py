@@ -331,6 +331,18 @@ def test_separable_filter_matches_2d_correlation(step):
             assert got[i, c].numpy() == pytest.approx(ref, rel=1e-12, abs=1e-10)
 
 
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 11])
+def test_window_sums_are_exact_moving_sums(n):
+    """Doubling gives exactly the moving sums of integer data along either axis, for any window length."""
+    from fusion.metrics._utils import box_filter_valid, window_sums
+
+    x = torch.randint(0, 256, (2, 1, 23, 29), generator=torch.Generator().manual_seed(n)).to(torch.float64)
+    for dim in (-2, -1):
+        assert torch.equal(window_sums(x, n, dim), x.unfold(dim, n, 1).sum(-1))
+    box = x.unfold(-2, n, 1).unfold(-2, n, 1).sum(dim=(-2, -1)) / (n * n)
+    assert torch.equal(box_filter_valid(x, n), box)
+
 def test_compute_metrics_chunks_give_the_batch_values(monkeypatch):
     """CPU chunking of distinct pairs (forced to one pair per chunk) changes no value."""
     from fusion.metrics import registry

@@ -90,13 +90,37 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
 
 
 def box_filter_valid(x: Tensor, n: int) -> Tensor:
-    """n×n moving average, 'valid', in float64: window sums by :func:`separable_filter`, then ÷ n².
+    """n×n moving average, 'valid', in float64: window sums by :func:`window_sums`, then ÷ n².
 
     The sums are exact on integer-valued data (the uint8 profiles), so flat windows give exactly zero
     variances.
     """
     x = x.to(torch.float64)
-    return separable_filter(x, torch.ones(n, dtype=torch.float64)).div_(n * n)
+    return window_sums(window_sums(x, n, -2), n, -1).div_(n * n)
+
+
+def window_sums(x: Tensor, n: int, dim: int) -> Tensor:
+    """Sums of ``n`` consecutive entries along ``dim`` ('valid'), by doubling: about log2(n) + popcount(n)
+    passes over the image instead of n (for n = 7: 4 instead of 7). The sum order differs from a running
+    sum only in round-off; on integer-valued data every order is exact.
+    """
+    length = x.shape[dim] - n + 1
+    spans = [x]  # spans[k]: sums of 2**k consecutive entries
+    while 2 ** len(spans) <= n:
+        half = 2 ** (len(spans) - 1)
+        prev = spans[-1]
+        spans.append(prev.narrow(dim, 0, prev.shape[dim] - half) + prev.narrow(dim, half, prev.shape[dim] - half))
+    parts, start = [], 0
+    for k in reversed(range(len(spans))):
+        if n & (1 << k):
+            parts.append(spans[k].narrow(dim, start, length))
+            start += 1 << k
+    if len(parts) == 1:
+        return parts[0].contiguous()
+    out = parts[0] + parts[1]
+    for part in parts[2:]:
+        out.add_(part)
+    return out
 
 
 def fft_filter_valid(k1d: Tensor, size: tuple[int, int], device: torch.device) -> Callable[[Tensor], Tensor]:

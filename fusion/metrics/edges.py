@@ -17,9 +17,8 @@ HALF_PI = math.pi / 2
 
 
 def _angle(sx: Tensor, sy: Tensor) -> Tensor:
-    """atan(Sy/Sx), with π/2 where Sx = 0 (the reference codes' rule)."""
-    zero = sx == 0
-    return torch.where(zero, torch.full_like(sx, HALF_PI), torch.atan(sy / torch.where(zero, torch.ones_like(sx), sx)))
+    """atan(Sy/Sx), with π/2 where Sx = 0 (the reference codes' rule; ±inf or NaN there before the fill)."""
+    return torch.atan(sy / sx).masked_fill_(sx == 0, HALF_PI)
 
 
 def _edges(x: Tensor, pad_mode: str = "zeros", scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,13 +37,13 @@ def _edges(x: Tensor, pad_mode: str = "zeros", scale: float = 1.0) -> tuple[Tens
 
 
 def _ratio(g2x: Tensor, g2f: Tensor, gx: Tensor, gf: Tensor, equal: Tensor) -> Tensor:
-    """min(g_X, g_F)/max(g_X, g_F), with ``equal`` where g_X == g_F (compared on exact squared strengths)."""
-    gx, gf, g2x, g2f = torch.broadcast_tensors(gx, gf, g2x, g2f)
-    greater = g2x > g2f
-    num = torch.where(greater, gf, gx)
-    den = torch.where(greater, gx, gf)
-    ratio = num / torch.where(den == 0, torch.ones_like(den), den)
-    return torch.where(g2x == g2f, equal.expand_as(ratio), ratio)
+    """min(g_X, g_F)/max(g_X, g_F), with ``equal`` where g_X == g_F (compared on exact squared strengths).
+
+    The square root is monotone, so min/max of the strengths pick the same pair as comparing the squared
+    strengths; 0/0 arises only where both are zero, which the ``equal`` branch replaces.
+    """
+    ratio = torch.minimum(gx, gf).div_(torch.maximum(gx, gf))
+    return torch.where(g2x == g2f, equal, ratio)
 
 
 @register_metric(
@@ -78,10 +77,10 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     for x in (xa, xb):
         g2x, gx, ax = _edges(x)
         g = _ratio(g2x, g2f, gx, gf, equal)
-        ang = 1 - (ax - af).abs() / HALF_PI
+        ang = (ax - af).abs_().div_(HALF_PI).neg_().add_(1)  # 1 − |α_X − α_F|/(π/2), in place
         # Γ/(1 + e^{κ(v − σ)}) = Γ·sigmoid(−κ(v − σ))
-        q = torch.sigmoid((g - dg) * -kg) * torch.sigmoid((ang - da) * -ka)
-        num = num + (q * gx).sum(dim=(-2, -1), dtype=torch.float64) * (tg * ta)
+        q = g.sub_(dg).mul_(-kg).sigmoid_().mul_(ang.sub_(da).mul_(-ka).sigmoid_())
+        num = num + q.mul_(gx).sum(dim=(-2, -1), dtype=torch.float64) * (tg * ta)
         den = den + gx.sum(dim=(-2, -1), dtype=torch.float64)
     return channel_mean(num / den)
 

@@ -89,7 +89,7 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     """
     f, xa, xb = prepare(profile, fused, a, b)
     if profile == "cddfuse":
-        # C2 = 3.6e-3 is far below float32 round-off of window variances: float64 running sums
+        # C2 = 3.6e-3 is far below float32 round-off of window variances: float64 window sums
         c1, c2, cov, dtype = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
         filt: Filter = lambda t: box_filter_valid(t, 7)
     else:
@@ -268,7 +268,7 @@ def viff(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
 
 def _uiqi_terms(x: Tensor, f: Tensor, size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """UIQI map Q0(x, f | w) and the window variances of x and f on size×size sliding windows."""
-    # float64 running sums: flat windows are detected by exact zero variances
+    # float64 window sums (exact on integer data): flat windows are detected by exact zero variances
     xc, fc = _centred(x, torch.float64), _centred(f, torch.float64)
     mx, mf = box_filter_valid(xc, size), box_filter_valid(fc, size)
     vx = box_filter_valid(xc * xc, size) - mx * mx
