@@ -51,7 +51,7 @@ from experiments.config import ConfigError
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
 from fusion.image_io import ImagePairError, image_size
-from fusion.metrics import get_metric, get_profile, list_metrics
+from fusion.metrics import cpu_chunks, get_metric, get_profile, list_metrics
 from fusion.metrics.profiles import shared_preparation
 
 __all__ = ["STANDARD_METRICS", "EvaluationResult", "evaluate_folders", "evaluate_run", "latex_table", "main", "markdown_table",
@@ -280,17 +280,19 @@ def score_images(batch: torch.Tensor, a: torch.Tensor, b: torch.Tensor, names: S
                  failures: dict[str, str]) -> dict[str, torch.Tensor]:
     """Each metric of ``names`` on fused ``batch`` (N, C, H, W) against sources ``a``, ``b``; a metric that
     cannot run on these images (e.g. windows larger than the image) gives NaN and a note in ``failures``."""
-    out = {}
-    with torch.no_grad(), shared_preparation():
-        for n in names:
-            try:
-                out[n] = get_metric(n)(batch, a, b, profile=profile).cpu()
-            except (ValueError, NotImplementedError) as err:  # e.g. MS_SSIM on images ≤ 160 px
-                if n not in failures:
-                    failures[n] = str(err)
-                    warnings.warn(f"{n}: {err}; writing NaN", stacklevel=2)
-                out[n] = torch.full((batch.shape[0],), math.nan, dtype=torch.float64)
-    return out
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with torch.no_grad():
+        for chunk in cpu_chunks(batch, a, b):
+            with shared_preparation():
+                for n in names:
+                    try:
+                        parts[n].append(get_metric(n)(*chunk, profile=profile).cpu())
+                    except (ValueError, NotImplementedError) as err:  # e.g. MS_SSIM on images ≤ 160 px
+                        if n not in failures:
+                            failures[n] = str(err)
+                            warnings.warn(f"{n}: {err}; writing NaN", stacklevel=2)
+                        parts[n].append(torch.full((chunk[0].shape[0],), math.nan, dtype=torch.float64))
+    return {n: torch.cat(v) for n, v in parts.items()}
 
 
 def _fmt(v: float, digits: int = 4) -> str:

@@ -72,7 +72,7 @@ def _local_contrast(x: Tensor, g1: Tensor, g2: Tensor, size: tuple[int, int]) ->
     spec = torch.fft.rfft2(x, s=size)
     c1 = torch.fft.irfft2(spec * g1, s=size)[..., :h, :w]
     c2 = torch.fft.irfft2(spec * g2, s=size)[..., :h, :w]
-    return (c1 / c2 - 1).abs()
+    return c1.div_(c2).sub_(1).abs_()
 
 
 @register_metric(
@@ -101,16 +101,18 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     def masked(x: Tensor) -> Tensor:
         c = _local_contrast(_csf_filter(torch.fft.rfft2(normalise_255(x)), csf, (h, w)), g1, g2, size)
         c2 = c * c
-        return c2 * c / (c2 + 1e-4)
+        return c.mul_(c2).div_(c2.add_(1e-4))  # C³/(C² + Z), in place (the same operations)
 
     cf, ca, cb = masked(f), masked(xa), masked(xb)
 
     def preservation(cx: Tensor) -> Tensor:
-        return torch.where(cx < cf, cx / cf, cf / cx)
+        """min(C′_X/C′_F, C′_F/C′_X): the smaller over the larger (NaN where both are 0, as the ratios)."""
+        return torch.minimum(cx, cf).div_(torch.maximum(cx, cf))
 
     ca2, cb2 = ca * ca, cb * cb
     sal = ca2 + cb2
-    q = (ca2 / sal) * preservation(ca) + (cb2 / sal) * preservation(cb)
+    # λ_A Q_AF + λ_B Q_BF; the saliencies depend on the sources only (batch 1 against B fused images)
+    q = preservation(ca).mul_(ca2.div_(sal)).add_(preservation(cb).mul_(cb2.div_(sal)))
     return channel_mean(q.mean(dim=(-2, -1)))
 
 

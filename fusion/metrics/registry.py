@@ -10,7 +10,7 @@ reason, so a table never contains a guessed value.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "FusionMetric",
     "MetricSpec",
     "compute_metrics",
+    "cpu_chunks",
     "get_metric",
     "higher_is_better",
     "list_metrics",
@@ -163,33 +164,44 @@ def compute_metrics(
     Returns:
         ``{canonical name: Tensor (B,)}`` in the order asked for.
 
-    On CPU, B distinct pairs (all three inputs with batch B) are evaluated in chunks of about
-    :data:`CPU_CHUNK_PIXELS` values per image, so that each chunk's temporaries stay in cache (about 2×
-    faster than one pass over a large batch; values are per image, hence unchanged). Fused batches
-    against one source pair are never split, so the sources' work is still done once.
+    On CPU the batch is evaluated in cache-sized chunks (:func:`cpu_chunks`); values are per image, hence
+    unchanged.
     """
     if names is None:
         names = list_metrics(profile)
     elif isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     specs = [get_metric(n) for n in names]
-    batch = fused.shape[0] if fused.dim() == 4 else 1
-    per_image = fused[0].numel() if fused.dim() == 4 else fused.numel()
-    step = max(1, CPU_CHUNK_PIXELS // per_image)
-    same_batch = all(t.dim() == 4 and t.shape[0] == batch for t in (a, b))
-    if fused.device.type != "cpu" or not same_batch or batch <= step:
-        step = batch
     parts = []
     with torch.no_grad():
-        for i in range(0, batch, step):
-            chunk = (fused, a, b) if step == batch else (fused[i : i + step], a[i : i + step], b[i : i + step])
+        for chunk in cpu_chunks(fused, a, b):
             with shared_preparation():
                 parts.append({s.name: s(*chunk, profile=profile) for s in specs})
     return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
 
+def cpu_chunks(fused: Tensor, a: Tensor, b: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Split a metric batch so that each part's temporaries stay in cache (CPU only; one part elsewhere).
+
+    B distinct pairs (all three inputs with batch B): chunks of about :data:`CPU_CHUNK_PIXELS` values per
+    image (about 2× faster than one pass over a large batch). B fused images against one source pair (the
+    sources with batch 1 stay whole): chunks of twice that, at least 2 images, since each chunk redoes the
+    sources' work — 25 VIFB methods against one 480×640 pair run 2–2.5× faster in chunks of 2 than in one
+    pass, although the sources are then processed 13 times instead of once.
+    """
+    batch = fused.shape[0] if fused.dim() == 4 else 1
+    per_image = fused[0].numel() if fused.dim() == 4 else fused.numel()
+    whole = [t.dim() != 4 or (t.shape[0] == 1 and batch > 1) for t in (fused, a, b)]  # broadcast, not split
+    step = max(2, 2 * CPU_CHUNK_PIXELS // per_image) if any(whole) else max(1, CPU_CHUNK_PIXELS // per_image)
+    if fused.device.type != "cpu" or batch <= step:
+        yield fused, a, b
+        return
+    for i in range(0, batch, step):
+        yield tuple(t if keep else t[i : i + step] for t, keep in zip((fused, a, b), whole))
+
+
 CPU_CHUNK_PIXELS = 1 << 19
-"""Values per image above which :func:`compute_metrics` evaluates distinct pairs chunk by chunk on CPU."""
+"""The chunk size of :func:`cpu_chunks`, in values per image (a chunk of distinct pairs holds about this many)."""
 
 
 class FusionMetric(nn.Module):
