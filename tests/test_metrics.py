@@ -340,8 +340,12 @@ def test_window_sums_are_exact_moving_sums(n):
     from fusion.metrics._utils import box_filter_valid, window_sums
 
     x = torch.randint(0, 256, (2, 1, 23, 29), generator=torch.Generator().manual_seed(n)).to(torch.float64)
+    original = x.clone()
     for dim in (-2, -1):
-        assert torch.equal(window_sums(x, n, dim), x.unfold(dim, n, 1).sum(-1))
+        sums = window_sums(x, n, dim)
+        assert torch.equal(sums, x.unfold(dim, n, 1).sum(-1))
+        sums.add_(1)  # a fresh tensor, which callers may modify in place (n = 1 must not alias x)
+        assert torch.equal(x, original)
     box = x.unfold(-2, n, 1).unfold(-2, n, 1).sum(dim=(-2, -1)) / (n * n)
     assert torch.equal(box_filter_valid(x, n), box)
 

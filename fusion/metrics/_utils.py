@@ -115,8 +115,8 @@ def window_sums(x: Tensor, n: int, dim: int) -> Tensor:
         if n & (1 << k):
             parts.append(spans[k].narrow(dim, start, length))
             start += 1 << k
-    if len(parts) == 1:
-        return parts[0].contiguous()
+    if len(parts) == 1:  # a fresh tensor even for n = 1, which callers may modify in place
+        return parts[0].clone(memory_format=torch.contiguous_format)
     out = parts[0] + parts[1]
     for part in parts[2:]:
         out.add_(part)
