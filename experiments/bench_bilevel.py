@@ -52,12 +52,12 @@ GRAD_CLIP = 1.0
 
 CONFIGS: dict[str, tuple[str, str, dict]] = {
     "joint": ("joint (single-level)", "joint", {}),
-    "gn": ("bi-level gn, image path, with UL update", "bilevel", dict(hypergrad="gn", ul_every=1)),
-    "gn_lower": ("bi-level gn, lower-only iteration", "bilevel", dict(hypergrad="gn", ul_every=10**9)),
+    "gn": ("bi-level gn, image path, with UL update", "bilevel", {"hypergrad": "gn", "ul_every": 1}),
+    "gn_lower": ("bi-level gn, lower-only iteration", "bilevel", {"hypergrad": "gn", "ul_every": 10**9}),
     "gn_onevjp": (
         "bi-level gn, image path, bdl_released weights (one VJP, no rows), with UL",
         "bilevel",
-        dict(hypergrad="gn", aggregate="bdl_released"),
+        {"hypergrad": "gn", "aggregate": "bdl_released"},
     ),
     "gn_reuse": (
         "bi-level gn, image path, bdl_released weights, ∇f from the LL step (reuse_lower_grads), with UL",
@@ -67,17 +67,17 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "gn_param": (
         "bi-level gn, param path (per-constraint passes), with UL",
         "bilevel",
-        dict(hypergrad="gn", path="param"),
+        {"hypergrad": "gn", "path": "param"},
     ),
     "unrolled1": (
         "bi-level unrolled K=1, image path, with UL",
         "bilevel",
-        dict(hypergrad="unrolled", hypergrad_options={"steps": 1}),
+        {"hypergrad": "unrolled", "hypergrad_options": {"steps": 1}},
     ),
     "unrolled3": (
         "bi-level unrolled K=3, image path, with UL",
         "bilevel",
-        dict(hypergrad="unrolled", hypergrad_options={"steps": 3}),
+        {"hypergrad": "unrolled", "hypergrad_options": {"steps": 3}},
     ),
 }
 

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     size = tuple(args.size)
     fu, ir, vi, source = load_pairs(args.pairs, size)
-    to_t = lambda x: torch.from_numpy(x / 255.0)[:, None].to(device)  # noqa: E731
+    to_t = lambda x: torch.from_numpy(x / 255.0)[:, None].to(device)
     tf, ta, tb = to_t(fu), to_t(ir), to_t(vi)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         base_fn = BASELINE[name]
         base_vals = []
 
-        def run_base():
+        def run_base(base_fn=base_fn, base_vals=base_vals):
             base_vals.clear()
             base_vals.extend(base_fn(fu[i], ir[i], vi[i]) for i in range(nb))
 

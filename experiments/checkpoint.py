@@ -24,8 +24,17 @@ import torch
 
 from experiments.logging_utils import output_guard
 
-__all__ = ["FORMAT", "INFERENCE_KEYS", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_weights",
-           "strip_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "FORMAT",
+    "INFERENCE_KEYS",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_weights",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "strip_checkpoint",
+]
 
 FORMAT = 1
 INFERENCE_KEYS = ("format", "config", "net", "model")

@@ -32,26 +32,26 @@ from bilevel.estimators import hypergrad_parameters, list_hypergrads
 from bilevel.step import REUSES_LOWER_GRADS, can_reuse_lower_grads
 
 __all__ = [
-    "ConfigError",
-    "DataConfig",
-    "NetConfig",
-    "LossConfig",
-    "OptimConfig",
-    "TaskConfig",
-    "TasksConfig",
-    "BilevelConfig",
-    "TrainConfig",
-    "EvalConfig",
-    "LogConfig",
-    "RunConfig",
     "TASK_CHOICES",
     "TASK_CONSTRAINTS",
-    "apply_overrides",
+    "BilevelConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LossConfig",
+    "NetConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TasksConfig",
+    "TrainConfig",
     "apply_dict",
+    "apply_overrides",
     "from_dict",
+    "load_yaml",
     "to_dict",
     "to_yaml",
-    "load_yaml",
     "valid_keys",
 ]
 
@@ -423,9 +423,8 @@ def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["init_distributed", "all_reduce_mean", "any_rank", "broadcast_modules", "shutdown"]
+__all__ = ["all_reduce_mean", "any_rank", "broadcast_modules", "init_distributed", "shutdown"]
 
 
 def init_distributed(device_type: Callable[[int], str]) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -58,14 +59,14 @@ class StopRequest:
         self.requested = False
         self._old: dict[int, object] = {}
 
-    def request(self, signum: int = signal.SIGINT, frame: object = None) -> None:  # noqa: ARG002
+    def request(self, signum: int = signal.SIGINT, frame: object = None) -> None:
         if self.requested:      # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing the current iteration, saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> StopRequest:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.getsignal(s) for s in self.SIGNALS}
             for s in self.SIGNALS:

@@ -54,8 +54,22 @@ from fusion.image_io import ImagePairError, image_size
 from fusion.metrics import cpu_chunks, get_metric, get_profile, list_metrics
 from fusion.metrics.profiles import shared_preparation
 
-__all__ = ["STANDARD_METRICS", "EvaluationResult", "evaluate_folders", "evaluate_run", "latex_table", "main", "markdown_table",
-           "check_min_side", "check_run_sizes", "min_image_side", "score_images", "summarise", "write_csv", "write_outputs"]
+__all__ = [
+    "STANDARD_METRICS",
+    "EvaluationResult",
+    "check_min_side",
+    "check_run_sizes",
+    "evaluate_folders",
+    "evaluate_run",
+    "latex_table",
+    "main",
+    "markdown_table",
+    "min_image_side",
+    "score_images",
+    "summarise",
+    "write_csv",
+    "write_outputs",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

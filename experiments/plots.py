@@ -18,7 +18,7 @@ from pathlib import Path
 
 from experiments.cli import ArgumentParser
 
-__all__ = ["read_metrics", "make_plots", "main"]
+__all__ = ["main", "make_plots", "read_metrics"]
 
 FIGURES = {
     "losses.png": ("Losses", ("loss/",), True),

@@ -29,7 +29,7 @@ from experiments import evaluate, fuse, tables
 from experiments.cli import ArgumentParser
 from experiments.data import holdout_indices
 
-__all__ = ["DEFAULT_CHECKPOINTS", "METRICS", "roadscene_test_folder", "main"]
+__all__ = ["DEFAULT_CHECKPOINTS", "METRICS", "main", "roadscene_test_folder"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINTS = tuple(ROOT / "checkpoints" / f"{name}.pt" for name in (

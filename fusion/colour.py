@@ -13,15 +13,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "KR",
-    "KG",
     "KB",
-    "rgb_to_ycbcr",
-    "ycbcr_to_rgb",
-    "luminance",
-    "as_rgb",
-    "to_image",
+    "KG",
+    "KR",
     "OUT_SPACES",
+    "as_rgb",
+    "luminance",
+    "rgb_to_ycbcr",
+    "to_image",
+    "ycbcr_to_rgb",
 ]
 
 KR, KG, KB = 0.299, 0.587, 0.114

@@ -55,31 +55,31 @@ from bilevel.registry import lookup
 from fusion.colour import as_rgb, luminance
 
 __all__ = [
-    "intensity_loss",
-    "saliency_fallback",
-    "sobel_gradient",
-    "gradient_max_loss",
-    "ssim_loss",
-    "mef_ssim",
-    "tc_moa_max_grad_loss",
-    "mff_focus_mask",
-    "masked_pixel_loss",
-    "boxes_to_mask",
-    "saliency_map",
-    "cv_squared",
-    "load_balance_loss",
-    "mir_loss",
-    "FusionLoss",
-    "BDLLoss",
-    "MaxGradSSIMLoss",
-    "MoELoss",
-    "TCMoAVIFLoss",
-    "TCMoAMEFLoss",
-    "TCMoAMFFLoss",
-    "create_fusion_loss",
-    "list_fusion_losses",
     "MASK_FALLBACKS",
     "SALIENCY_SOURCES",
+    "BDLLoss",
+    "FusionLoss",
+    "MaxGradSSIMLoss",
+    "MoELoss",
+    "TCMoAMEFLoss",
+    "TCMoAMFFLoss",
+    "TCMoAVIFLoss",
+    "boxes_to_mask",
+    "create_fusion_loss",
+    "cv_squared",
+    "gradient_max_loss",
+    "intensity_loss",
+    "list_fusion_losses",
+    "load_balance_loss",
+    "masked_pixel_loss",
+    "mef_ssim",
+    "mff_focus_mask",
+    "mir_loss",
+    "saliency_fallback",
+    "saliency_map",
+    "sobel_gradient",
+    "ssim_loss",
+    "tc_moa_max_grad_loss",
 ]
 
 MASK_FALLBACKS = ("ir_saliency", "none")
@@ -322,7 +322,7 @@ def _mef_ssim_one_scale(
 ) -> Tensor:
     """Mean MEF-SSIM quality map at one scale. fused (B,1,H,W), seq (B,K,H,W) → (B,)."""
     k = seq.shape[1]
-    filt = lambda t: _filter_separable(t, window)  # noqa: E731 - local shorthand for the Gaussian mean
+    filt = lambda t: _filter_separable(t, window)
     mu_y = filt(fused)
     mu_x = filt(seq)
     var_y = (filt(fused * fused) - mu_y**2).clamp_min(0)[:, 0]

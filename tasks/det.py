@@ -78,7 +78,7 @@ def _build_torchvision(name: str, num_classes: int, *, min_size: int, max_size: 
     detector, backbone_name = name.split("_", 1)
     backbone_name = backbone_name[: -len("_fpn")]
     norm_layer = _norm_layer(norm)
-    common = dict(min_size=min_size, max_size=max_size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+    common = {"min_size": min_size, "max_size": max_size, "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]}
     classes = num_classes + 1
 
     if backbone_name == "mobilenet_v3_large":
@@ -223,32 +223,31 @@ def _import_mmdet():
 def _mmdet_builtin(name: str, num_classes: int, fpn_channels: int, head_convs: int, score_thresh: float,
                    nms_thresh: float, detections_per_img: int) -> dict:
     """Small ResNet-18 RetinaNet/FCOS configs for tests and quick runs (random init, ``init_cfg=None``)."""
-    backbone = dict(type="ResNet", depth=18, num_stages=4, out_indices=(1, 2, 3), frozen_stages=-1,
-                    norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False, style="pytorch", init_cfg=None)
-    neck = dict(type="FPN", in_channels=[128, 256, 512], out_channels=fpn_channels, start_level=0,
-                add_extra_convs="on_output", num_outs=5)
-    test_cfg = dict(nms_pre=1000, min_bbox_size=0, score_thr=score_thresh,
-                    nms=dict(type="nms", iou_threshold=nms_thresh), max_per_img=detections_per_img)
-    focal = dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)
+    backbone = {"type": "ResNet", "depth": 18, "num_stages": 4, "out_indices": (1, 2, 3), "frozen_stages": -1,
+                    "norm_cfg": {"type": "BN", "requires_grad": True}, "norm_eval": False, "style": "pytorch", "init_cfg": None}
+    neck = {"type": "FPN", "in_channels": [128, 256, 512], "out_channels": fpn_channels, "start_level": 0,
+                "add_extra_convs": "on_output", "num_outs": 5}
+    test_cfg = {"nms_pre": 1000, "min_bbox_size": 0, "score_thr": score_thresh,
+                    "nms": {"type": "nms", "iou_threshold": nms_thresh}, "max_per_img": detections_per_img}
+    focal = {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}
     if name == "retinanet_r18_fpn":
-        head = dict(type="RetinaHead", num_classes=num_classes, in_channels=fpn_channels, stacked_convs=head_convs,
-                    feat_channels=fpn_channels,
-                    anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
-                                          ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),
-                    bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
-                    loss_cls=focal, loss_bbox=dict(type="L1Loss", loss_weight=1.0))
-        train_cfg = dict(assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0,
-                                       ignore_iof_thr=-1),
-                         sampler=dict(type="PseudoSampler"), allowed_border=-1, pos_weight=-1, debug=False)
-        return dict(type="RetinaNet", backbone=backbone, neck=neck, bbox_head=head, train_cfg=train_cfg,
-                    test_cfg=test_cfg)
+        head = {"type": "RetinaHead", "num_classes": num_classes, "in_channels": fpn_channels, "stacked_convs": head_convs,
+                    "feat_channels": fpn_channels,
+                    "anchor_generator": {"type": "AnchorGenerator", "octave_base_scale": 4, "scales_per_octave": 3,
+                                          "ratios": [0.5, 1.0, 2.0], "strides": [8, 16, 32, 64, 128]},
+                    "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_means": [0.0] * 4, "target_stds": [1.0] * 4},
+                    "loss_cls": focal, "loss_bbox": {"type": "L1Loss", "loss_weight": 1.0}}
+        train_cfg = {"assigner": {"type": "MaxIoUAssigner", "pos_iou_thr": 0.5, "neg_iou_thr": 0.4, "min_pos_iou": 0,
+                                       "ignore_iof_thr": -1},
+                         "sampler": {"type": "PseudoSampler"}, "allowed_border": -1, "pos_weight": -1, "debug": False}
+        return {"type": "RetinaNet", "backbone": backbone, "neck": neck, "bbox_head": head, "train_cfg": train_cfg,
+                    "test_cfg": test_cfg}
     if name == "fcos_r18_fpn":
-        head = dict(type="FCOSHead", num_classes=num_classes, in_channels=fpn_channels, stacked_convs=head_convs,
-                    feat_channels=fpn_channels, strides=[8, 16, 32, 64, 128], norm_cfg=dict(type="GN", num_groups=
-                                                                                             math.gcd(32, fpn_channels)),
-                    loss_cls=focal, loss_bbox=dict(type="IoULoss", loss_weight=1.0),
-                    loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0))
-        return dict(type="FCOS", backbone=backbone, neck=neck, bbox_head=head, train_cfg=None, test_cfg=test_cfg)
+        head = {"type": "FCOSHead", "num_classes": num_classes, "in_channels": fpn_channels, "stacked_convs": head_convs,
+                    "feat_channels": fpn_channels, "strides": [8, 16, 32, 64, 128], "norm_cfg": {"type": "GN", "num_groups": math.gcd(32, fpn_channels)},
+                    "loss_cls": focal, "loss_bbox": {"type": "IoULoss", "loss_weight": 1.0},
+                    "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}}
+        return {"type": "FCOS", "backbone": backbone, "neck": neck, "bbox_head": head, "train_cfg": None, "test_cfg": test_cfg}
     raise ValueError(f"unknown built-in mmdet config {name!r}; expected one of {MMDET_BUILTIN_CONFIGS} "
                      "or a path to an mmdet 3.x config file (also 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py')")
 
@@ -305,8 +304,8 @@ class _MMDetAdapter(nn.Module):
         h, w = images.shape[-2:]
         ph, pw = -h % self.pad_divisor, -w % self.pad_divisor
         padded = F.pad(images, (0, pw, 0, ph)) if ph or pw else images
-        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=tuple(padded.shape[-2:]),
-                    batch_input_shape=tuple(padded.shape[-2:]), scale_factor=(1.0, 1.0))
+        meta = {"img_shape": (h, w), "ori_shape": (h, w), "pad_shape": tuple(padded.shape[-2:]),
+                    "batch_input_shape": tuple(padded.shape[-2:]), "scale_factor": (1.0, 1.0)}
         samples = []
         for i in range(images.shape[0]):
             sample = self._sample_cls(metainfo=dict(meta))
@@ -383,7 +382,7 @@ class DetTask(Task):
         self.model_name, self.backend = str(model), backend
         self.num_classes, self.class_names = num_classes, tuple(str(n) for n in class_names)
         self.iou_threshold = iou_threshold
-        post = dict(score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+        post = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
         if backend == "torchvision":
             self.detector = _TorchvisionAdapter(_build_torchvision(
                 str(model), num_classes, min_size=min_size, max_size=max_size, norm=norm,

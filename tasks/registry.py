@@ -23,9 +23,9 @@ __all__ = ["TINY_CONFIGS", "create_task", "list_tasks", "register_task"]
 #: Small configurations (CPU tests, smoke runs): ~0.4 M-parameter U-Net, ResNet-18 FCOS with a 64-channel FPN
 #: and one conv per head branch at 128 px, and a 16-wide pixel critic (BDL's own has only 8,704 parameters).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "critic": dict(arch="pixel", ndf=16),
-    "seg": dict(arch="Unet", encoder_name="tu-resnet10t", encoder_depth=3, decoder_channels=(32, 16, 8)),
-    "det": dict(model="fcos_resnet18_fpn", min_size=128, max_size=128, fpn_channels=64, head_convs=1),
+    "critic": {"arch": "pixel", "ndf": 16},
+    "seg": {"arch": "Unet", "encoder_name": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": (32, 16, 8)},
+    "det": {"model": "fcos_resnet18_fpn", "min_size": 128, "max_size": 128, "fpn_channels": 64, "head_convs": 1},
 }
 
 _TASKS: dict[str, Callable[..., Task]] = {

@@ -341,8 +341,8 @@ def test_second_order_without_double_backward_gives_clear_error(method):
     x = (torch.randn(1, 2, 8, 8, dtype=DT),)
     y = (torch.randn(2, dtype=DT),)
     boxes = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]], dtype=DT)
-    lower = lambda x, y: roi_align(x[0] * y[0].view(1, 2, 1, 1), boxes, output_size=2).pow(2).sum()  # noqa: E731
-    upper = lambda x, y: (x[0].sum() * y[0]).sum()  # noqa: E731
+    lower = lambda x, y: roi_align(x[0] * y[0].view(1, 2, 1, 1), boxes, output_size=2).pow(2).sum()
+    upper = lambda x, y: (x[0].sum() * y[0]).sum()
     opts = {"cg": {"iters": 2}, "neumann": {"iters": 2, "alpha": 0.1}, "unrolled": {"steps": 1, "lr": 0.1}}[
         method
     ]

@@ -506,7 +506,7 @@ def test_reduce_hook_two_ranks_equal_global_batch(path):
             step = s.step(hypergrad="gn", path=path, reduce=make_reduce(r))
             ll = half(LL, r)
             step.step({"ll": ll, "upper": half(UL_C, r), "seg/ul": half(UL_S, r)})
-        except Exception as err:  # pragma: no cover - surfaced below
+        except Exception as err:  # noqa: BLE001 # pragma: no cover - any failure of a rank is re-raised below
             errors.append(err)
             barrier.abort()
 
@@ -536,7 +536,7 @@ def test_device_image_equals_param(device):
     for m in base.modules():
         m.to(device)
     base.reset_optim()
-    to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    to = lambda b: {k: v.to(device) for k, v in b.items()}
     ll, ulc, uls = to(LL), to(UL_C), to(UL_S)
     grads = []
     for path in ("image", "param"):
@@ -758,7 +758,7 @@ def test_bench_bilevel_smoke(capsys):
     from experiments.bench_bilevel import main
 
     configs = "joint,gn,gn_lower,gn_param,unrolled1"  # unrolled K=3 adds double backward time, not coverage
-    main("--tiny --size 16 --batch 2 --iters 1 --warmup 0 --threads 1 --configs".split() + [configs])
+    main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs"] + [configs])
     out = capsys.readouterr().out
     assert "| joint (single-level) |" in out and "| bi-level unrolled K=1, image path, with UL |" in out
     assert "| bi-level gn, param path (per-constraint passes), with UL |" in out

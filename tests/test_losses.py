@@ -120,8 +120,8 @@ def _mef_ssim_patchwise(fused, a, b, win=11, sigma=1.5, c2=0.03**2, p=4.0):
     wgt = wgt / wgt.sum()
     patches = [F.unfold(x.double(), win)[0].t() for x in (a, b, fused)]  # (L, win²)
     xa, xb, y = patches
-    dot = lambda u, v: (wgt * u * v).sum(-1)  # noqa: E731
-    mean = lambda u: (wgt * u).sum(-1, keepdim=True)  # noqa: E731
+    dot = lambda u, v: (wgt * u * v).sum(-1)
+    mean = lambda u: (wgt * u).sum(-1, keepdim=True)
     ta, tb, ty = xa - mean(xa), xb - mean(xb), y - mean(y)
     ca, cb = dot(ta, ta).sqrt(), dot(tb, tb).sqrt()
     c_hat = torch.maximum(ca, cb)

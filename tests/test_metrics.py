@@ -7,7 +7,6 @@ and the per-image NumPy/SciPy evaluator of ``experiments/bench_metrics.py`` (CDD
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import pytest
@@ -244,7 +243,7 @@ def test_ssim_matches_scikit_image():
     skm = pytest.importorskip("skimage.metrics")
     f, a, b = textured(48, 56, seed=15), textured(48, 56, seed=16), textured(48, 56, seed=17)
     ff, aa, bb = (x[0, 0].numpy() * 255 for x in (f, a, b))
-    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    kw = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 255}
     expected = skm.structural_similarity(ff, aa, **kw) + skm.structural_similarity(ff, bb, **kw)
     assert value("SSIM", f, a, b) == pytest.approx(expected, rel=1e-5)
 

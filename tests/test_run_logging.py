@@ -10,9 +10,16 @@ import json
 import pytest
 import torch
 
-from experiments.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
-from experiments.logging_utils import MetricsCSV, OutputError, Tracker, image_panel, make_run_dir, \
-    resolve_wandb_mode, write_env
+from experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, strip_checkpoint
+from experiments.logging_utils import (
+    MetricsCSV,
+    OutputError,
+    Tracker,
+    image_panel,
+    make_run_dir,
+    resolve_wandb_mode,
+    write_env,
+)
 from experiments.plots import make_plots, read_metrics
 
 
@@ -98,7 +105,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch) -> None:
     assert load_checkpoint(path)["step"] == 3                      # the old checkpoint is intact
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")

@@ -20,7 +20,7 @@ from tasks.registry import create_task, list_tasks, register_task
 from tasks.seg import SegTask
 
 SIZE = 64
-DET_TINY = dict(min_size=SIZE, max_size=SIZE)  # no internal resize at the test resolution
+DET_TINY = {"min_size": SIZE, "max_size": SIZE}  # no internal resize at the test resolution
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +262,10 @@ def test_torchvision_label_offset():
 
 
 @pytest.mark.parametrize("model, kw", [
-    ("retinanet_resnet18_fpn", dict(fpn_channels=32, norm="frozen")),
-    ("fasterrcnn_resnet18_fpn", dict(fpn_channels=32, norm="group")),
-    ("fasterrcnn_mobilenet_v3_large_fpn", dict()),
-    ("fcos_resnet18_fpn", dict(fpn_channels=32, head_convs=1, fcos_decode="exp")),
+    ("retinanet_resnet18_fpn", {"fpn_channels": 32, "norm": "frozen"}),
+    ("fasterrcnn_resnet18_fpn", {"fpn_channels": 32, "norm": "group"}),
+    ("fasterrcnn_mobilenet_v3_large_fpn", {}),
+    ("fcos_resnet18_fpn", {"fpn_channels": 32, "head_convs": 1, "fcos_decode": "exp"}),
 ])
 def test_torchvision_detectors_build_and_backprop(batch, model, kw):
     batch = _images(batch, "det")
@@ -345,7 +345,7 @@ def test_det_weights_load_strictly(tmp_path):
 def test_default_configs_build_and_backprop(batch, name):
     """The full-size defaults (U-Net/ResNet-18, FCOS/ResNet-50 as BDL) on one 64 px scene."""
     one = {k: v[1:2] for k, v in batch.items()}  # scene 1 has boxes
-    task = create_task(name, **(dict(min_size=SIZE, max_size=SIZE) if name == "det" else {}))
+    task = create_task(name, **({"min_size": SIZE, "max_size": SIZE} if name == "det" else {}))
     fused = _fused(one, 3).requires_grad_(True)
     (grad,) = torch.autograd.grad(task.upper_loss(fused, one)["loss"], fused)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -12,7 +12,7 @@ from fusion.data import collate_pairs, create_dataset
 from tasks.det import DetTask
 
 pytestmark = pytest.mark.mmdet
-SMALL = dict(fpn_channels=32, head_convs=1)
+SMALL = {"fpn_channels": 32, "head_convs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def test_mmdet_config_file(tmp_path, batch):
 
     model = _mmdet_builtin("fcos_r18_fpn", 80, fpn_channels=32, head_convs=1, score_thresh=0.05, nms_thresh=0.6,
                            detections_per_img=100)
-    model["backbone"]["init_cfg"] = dict(type="Pretrained", checkpoint="torchvision://resnet18")
-    model["data_preprocessor"] = dict(type="DetDataPreprocessor", mean=[0, 0, 0], std=[1, 1, 1])
+    model["backbone"]["init_cfg"] = {"type": "Pretrained", "checkpoint": "torchvision://resnet18"}
+    model["data_preprocessor"] = {"type": "DetDataPreprocessor", "mean": [0, 0, 0], "std": [1, 1, 1]}
     path = tmp_path / "fcos_small.py"
     path.write_text(f"model = {model!r}\n")
     task = DetTask(str(path), backend="mmdet")

@@ -42,8 +42,20 @@ from fusion.image_io import (
     to_single_channel,
 )
 
-__all__ = ["FolderPairs", "RoadScene", "TNO", "VIFB", "MSRS", "FMB", "M3FD", "LLVIP", "MFNet", "PairsAB", "MFF",
-           "msrs_person8"]
+__all__ = [
+    "FMB",
+    "LLVIP",
+    "M3FD",
+    "MFF",
+    "MSRS",
+    "TNO",
+    "VIFB",
+    "FolderPairs",
+    "MFNet",
+    "PairsAB",
+    "RoadScene",
+    "msrs_person8",
+]
 
 
 def _root(root: str | os.PathLike | None, owner: str) -> Path:

@@ -16,15 +16,15 @@ from torch import Tensor
 from fusion.image_io import ImagePairError
 
 __all__ = [
-    "IGNORE_INDEX",
-    "MSRS_CLASSES",
-    "M3FD_CLASSES",
-    "LLVIP_CLASSES",
     "FMB_CLASSES",
-    "value_lut",
+    "IGNORE_INDEX",
+    "LLVIP_CLASSES",
+    "M3FD_CLASSES",
+    "MSRS_CLASSES",
     "check_mask",
-    "read_voc",
     "clip_boxes",
+    "read_voc",
+    "value_lut",
 ]
 
 IGNORE_INDEX = 255

@@ -27,7 +27,7 @@ from fusion.data.base import FusionDataset
 from fusion.data.labels import IGNORE_INDEX
 from fusion.data.transforms import Compose, RandomCropFlip, Resize, Transform
 
-__all__ = ["StepSampler", "collate_pairs", "pad_collate", "unpad", "make_loader"]
+__all__ = ["StepSampler", "collate_pairs", "make_loader", "pad_collate", "unpad"]
 
 
 def _mix(*values: int) -> int:

@@ -34,7 +34,7 @@ from fusion.data.labels import IGNORE_INDEX, M3FD_CLASSES, MSRS_CLASSES
 from fusion.data.registry import register_dataset
 from fusion.data.transforms import Transform
 
-__all__ = ["SPLITS", "render_scene", "SyntheticScenes"]
+__all__ = ["SPLITS", "SyntheticScenes", "render_scene"]
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 F32 = np.float32
@@ -57,8 +57,8 @@ class _Canvas:
 
     def window(self, x0: float, y0: float, x1: float, y1: float):
         """Integer slices of a float box clipped to the image, and normalised coordinates U (1, w), V (h, 1)."""
-        ix0, iy0 = max(int(math.floor(x0)), 0), max(int(math.floor(y0)), 0)
-        ix1, iy1 = min(int(math.ceil(x1)), self.w), min(int(math.ceil(y1)), self.h)
+        ix0, iy0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
+        ix1, iy1 = min(math.ceil(x1), self.w), min(math.ceil(y1), self.h)
         if ix1 <= ix0 or iy1 <= iy0 or x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
             return None
         u = ((np.arange(ix0, ix1, dtype=F32) + 0.5 - x0) / (x1 - x0))[None, :]
@@ -151,7 +151,7 @@ class _Scene:
     # ---------------------------------------------------------------------------------- background
     def sky_and_ground(self) -> None:
         rng, c, h, w = self.rng, self.c, self.h, self.w
-        hr = min(max(int(math.ceil(self.h0)), 1), h)
+        hr = min(max(math.ceil(self.h0), 1), h)
         t = (np.arange(hr, dtype=F32) / max(self.h0, 1.0))[:, None]
         top, bottom = np.array([0.3, 0.5, 0.85], F32), np.array([0.78, 0.84, 0.9], F32)
         clouds = np.clip(_lowfreq(rng, hr, w, 6) * 0.5 + rng.uniform(-0.4, 0.3), 0, 1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Transform", "Resize", "RandomCropFlip", "Compose"]
+__all__ = ["Compose", "RandomCropFlip", "Resize", "Transform"]
 
 Transform = Callable[[dict[str, Any], "torch.Generator | None"], dict[str, Any]]
 

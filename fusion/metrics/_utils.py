@@ -181,7 +181,7 @@ def histogram(idx: Tensor, bins: int) -> Tensor:
         idx: (B, C, N) int64 bin indices.
         bins: number of bins.
     """
-    b, c, n = idx.shape
+    b, c, _ = idx.shape
     offset = torch.arange(b * c, device=idx.device).reshape(b, c, 1) * bins
     counts = torch.bincount((idx + offset).reshape(-1), minlength=b * c * bins)
     return counts.reshape(b, c, bins).to(torch.float64)

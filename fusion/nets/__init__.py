@@ -13,4 +13,4 @@ from fusion.nets.registry import (
     register_fusion_net,
 )
 
-__all__ = ["create_fusion_net", "list_fusion_nets", "register_fusion_net", "fused_output", "build_net"]
+__all__ = ["build_net", "create_fusion_net", "fused_output", "list_fusion_nets", "register_fusion_net"]

@@ -113,5 +113,5 @@ def bdl(**kwargs) -> BDLFusionNet:
 def bdl_tiny(**kwargs) -> BDLFusionNet:
     """A small DRDB net for CPU tests (same topology, 8-channel trunk, 1 block of 2 layers)."""
     return build_net(
-        BDLFusionNet, dict(features=8, growth=4, num_blocks=1, num_layers=2, tail_features=4), kwargs
+        BDLFusionNet, {"features": 8, "growth": 4, "num_blocks": 1, "num_layers": 2, "tail_features": 4}, kwargs
     )

@@ -26,6 +26,8 @@ scaled by ``mole_balance`` (1e-2, each MoLE) and ``moge_balance`` (2e-2).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +36,7 @@ from fusion.colour import luminance
 from fusion.losses import load_balance_loss
 from fusion.nets.registry import build_net, register_fusion_net
 
-__all__ = ["NoisyTopKGate", "combine_experts", "MoEFusionNet", "moe_fusion", "moe_fusion_tiny"]
+__all__ = ["MoEFusionNet", "NoisyTopKGate", "combine_experts", "moe_fusion", "moe_fusion_tiny"]
 
 COMBINES = ("sum", "logspace")
 
@@ -208,7 +210,7 @@ class MoGE(nn.Module):
 
         def decoder() -> nn.Sequential:
             layers: list[nn.Module] = []
-            for a, b in zip(widths[:-1], widths[1:], strict=True):
+            for a, b in itertools.pairwise(widths):
                 layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(inplace=True)]
             return nn.Sequential(*layers, nn.Conv2d(widths[-1], 1, 3, padding=1))
 
@@ -274,7 +276,7 @@ class MoEFusionNet(nn.Module):
             if attention == "learned"
             else None
         )
-        opts = dict(k=top_k, pool=gate_pool, combine=combine, init_std=gate_init_std)
+        opts = {"k": top_k, "pool": gate_pool, "combine": combine, "init_std": gate_init_std}
         self.mole_fg = MoLE(growth, expert_hidden, **opts)
         self.mole_bg = MoLE(growth, expert_hidden, **opts)
         self.moge = MoGE(10 * growth, tuple(decoder_channels), **opts)
@@ -343,5 +345,5 @@ def moe_fusion(**kwargs) -> MoEFusionNet:
 def moe_fusion_tiny(**kwargs) -> MoEFusionNet:
     """A small MoE-Fusion for CPU tests (growth 4, expert width 4, decoder (8, 8, 4))."""
     return build_net(
-        MoEFusionNet, dict(growth=4, expert_hidden=4, decoder_channels=(8, 8, 4), saliency_hidden=4), kwargs
+        MoEFusionNet, {"growth": 4, "expert_hidden": 4, "decoder_channels": (8, 8, 4), "saliency_hidden": 4}, kwargs
     )

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from bilevel.registry import lookup
 
-__all__ = ["register_fusion_net", "create_fusion_net", "list_fusion_nets", "fused_output", "build_net"]
+__all__ = ["build_net", "create_fusion_net", "fused_output", "list_fusion_nets", "register_fusion_net"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -74,17 +74,17 @@ from fusion.nets.moe_fusion import NoisyTopKGate
 from fusion.nets.registry import build_net, register_fusion_net
 
 __all__ = [
-    "TCMoANet",
     "TCMoAModule",
+    "TCMoANet",
     "apply_intensity_bias",
     "blend_ramp",
-    "moa_positions",
-    "tile_starts",
     "mae_key_map",
+    "moa_positions",
     "sincos_pos_embed",
     "tc_moa",
     "tc_moa_large",
     "tc_moa_tiny",
+    "tile_starts",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -236,7 +236,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, window: int, shift: int, rel_bias: Tensor, mask: Tensor | None) -> Tensor:
-        b, h, wd, c = x.shape
+        b, h, wd, _ = x.shape
         y = self.norm1(x)
         if shift:
             y = torch.roll(y, (-shift, -shift), (1, 2))
@@ -488,7 +488,7 @@ class TCMoANet(nn.Module):
             nn.Parameter(nn.init.trunc_normal_(torch.empty(table, decoder_heads), std=0.02))
             for _ in range(math.ceil(decoder_depth / 2))
         )
-        opts = dict(num_tasks=len(self.tasks), num_experts=num_experts, top_k=top_k, combine=combine)
+        opts = {"num_tasks": len(self.tasks), "num_experts": num_experts, "top_k": top_k, "combine": combine}
         self.moa = nn.ModuleDict(
             {str(i): TCMoAModule(embed_dim, **opts) for i in moa_positions(depth, tau, moa_offset)}
         )
@@ -767,7 +767,7 @@ def tc_moa(**kwargs) -> TCMoANet:
 @register_fusion_net
 def tc_moa_large(**kwargs) -> TCMoANet:
     """TC-MoA on a ViT-L/16 MAE (encoder 24×1024, 16 heads), the paper's configuration."""
-    return build_net(TCMoANet, dict(embed_dim=1024, depth=24, num_heads=16), kwargs)
+    return build_net(TCMoANet, {"embed_dim": 1024, "depth": 24, "num_heads": 16}, kwargs)
 
 
 @register_fusion_net
@@ -776,19 +776,19 @@ def tc_moa_tiny(**kwargs) -> TCMoANet:
     2."""
     return build_net(
         TCMoANet,
-        dict(
-            patch_size=8,
-            embed_dim=64,
-            depth=4,
-            num_heads=4,
-            decoder_dim=32,
-            decoder_depth=2,
-            decoder_heads=4,
-            window_size=4,
-            pos_grid=8,
-            tau=2,
-            tile_size=64,
-            tile_overlap=16,
-        ),
+        {
+            "patch_size": 8,
+            "embed_dim": 64,
+            "depth": 4,
+            "num_heads": 4,
+            "decoder_dim": 32,
+            "decoder_depth": 2,
+            "decoder_heads": 4,
+            "window_size": 4,
+            "pos_grid": 8,
+            "tau": 2,
+            "tile_size": 64,
+            "tile_overlap": 16,
+        },
         kwargs,
     )
