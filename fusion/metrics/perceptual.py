@@ -111,8 +111,8 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
 
     ca2, cb2 = ca * ca, cb * cb
     sal = ca2 + cb2
-    # λ_A Q_AF + λ_B Q_BF; the saliencies depend on the sources only (batch 1 against B fused images)
-    q = preservation(ca).mul_(ca2.div_(sal)).add_(preservation(cb).mul_(cb2.div_(sal)))
+    q = torch.mul(ca2 / sal, preservation(ca))  # λ_A Q_AF, with the batch of every input
+    q.add_((cb2 / sal) * preservation(cb))
     return channel_mean(q.mean(dim=(-2, -1)))
 
 
