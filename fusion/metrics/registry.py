@@ -184,10 +184,10 @@ def cpu_chunks(fused: Tensor, a: Tensor, b: Tensor) -> Iterator[tuple[Tensor, Te
     """Split a metric batch so that each part's temporaries stay in cache (CPU only; one part elsewhere).
 
     B distinct pairs (all three inputs with batch B): chunks of about :data:`CPU_CHUNK_PIXELS` values per
-    image (about 2× faster than one pass over a large batch). B fused images against one source pair (the
-    sources with batch 1 stay whole): chunks of twice that, at least 2 images, since each chunk redoes the
-    sources' work — 25 VIFB methods against one 480×640 pair run 2–2.5× faster in chunks of 2 than in one
-    pass, although the sources are then processed 13 times instead of once.
+    input, at least one pair (about 2× faster than one pass over a large batch). B fused images against one
+    source pair (inputs with batch 1 stay whole in every chunk): chunks of twice that, at least 2 fused
+    images, since each chunk redoes the sources' work — 25 VIFB methods against one 480×640 pair run 2–2.5×
+    faster in chunks of 2 than in one pass, although the sources are then processed 13 times instead of once.
     """
     batch = fused.shape[0] if fused.dim() == 4 else 1
     per_image = fused[0].numel() if fused.dim() == 4 else fused.numel()
@@ -201,7 +201,7 @@ def cpu_chunks(fused: Tensor, a: Tensor, b: Tensor) -> Iterator[tuple[Tensor, Te
 
 
 CPU_CHUNK_PIXELS = 1 << 19
-"""The chunk size of :func:`cpu_chunks`, in values per image (a chunk of distinct pairs holds about this many)."""
+"""The size of a chunk of distinct pairs in :func:`cpu_chunks`, in values per input."""
 
 
 class FusionMetric(nn.Module):
