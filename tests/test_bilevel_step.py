@@ -758,7 +758,7 @@ def test_bench_bilevel_smoke(capsys):
     from experiments.bench_bilevel import main
 
     configs = "joint,gn,gn_lower,gn_param,unrolled1"  # unrolled K=3 adds double backward time, not coverage
-    main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs"] + [configs])
+    main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs", configs])
     out = capsys.readouterr().out
     assert "| joint (single-level) |" in out and "| bi-level unrolled K=1, image path, with UL |" in out
     assert "| bi-level gn, param path (per-constraint passes), with UL |" in out
