@@ -197,15 +197,26 @@ class _Cotangents:
 
 
 class _Buffers:
-    """Snapshot of modules' buffers, restored on exit (estimator forwards must not move running stats)."""
+    """Snapshot of modules' buffers, restored on exit (estimator forwards must not move running stats).
+
+    Copies with one multi-tensor kernel per device and dtype: a U-Net segmenter has ~100 small buffers, and
+    one copy each took ~15 ms of CPU time per upper iteration on an H100 (profiled; three snapshots or
+    restores per iteration), time in which the GPU waits.
+    """
 
     def __init__(self, modules: Sequence[nn.Module]):
-        self.saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for m in modules:
+            for b in m.buffers():
+                groups.setdefault((b.device, b.dtype), []).append(b.detach())
+        self.groups = [(live, [torch.empty_like(b) for b in live]) for live in groups.values()]
+        for live, saved in self.groups:
+            torch._foreach_copy_(saved, live)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for b, s in self.saved:
-                b.copy_(s)
+            for live, saved in self.groups:
+                torch._foreach_copy_(live, saved)
 
 
 def _loss(value, what: str) -> Tensor:

@@ -98,6 +98,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="bdl_tiny + critic_tiny + seg_tiny (smoke test)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute the fusion net's blocks in the backward pass (memory for time)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC nets (train.channels_last): no layout transposes around cuDNN's convolutions")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN times its algorithms per shape (train.cudnn_benchmark)")
+    parser.add_argument("--profile", type=non_negative_int, default=0, metavar="N",
+                        help="after timing, profile N iterations of each configuration (torch.profiler) and print "
+                             "its most expensive kernels (CUDA) or operators (CPU)")
     parser.add_argument(
         "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}"
     )
@@ -261,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
             "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder),
         }
     template = {k: v.to(device) for k, v in template.items()}
+    if args.channels_last:
+        template = {k: v.to(memory_format=torch.channels_last) for k, v in template.items()}
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     ll = _batch(args.size, args.batch, seed=1, device=device)
     ul = _batch(args.size, args.batch, seed=2, device=device)
     runs = {}
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"bilevel step benchmark — {dev}, torch {torch.__version__}, net {args.net}, "
         f"seg Unet/{args.seg_encoder}, {args.size[0]}×{args.size[1]}, batch {args.batch}, amp {args.amp}, "
-        f"median of {args.iters} (warm-up {args.warmup})"
+        f"{'channels_last, ' if args.channels_last else ''}{'cudnn.benchmark, ' if args.cudnn_benchmark else ''}"
+        f"{'grad checkpointing, ' if args.grad_checkpointing else ''}median of {args.iters} (warm-up {args.warmup})"
     )
     print()
     print(
@@ -310,6 +321,24 @@ def main(argv: list[str] | None = None) -> None:
         "Unrolled K also runs K differentiable (virtual) inner steps per constraint inside the hypergradient;"
     )
     print("they are not optimiser updates and are not counted above.")
+    if args.profile:
+        profile_runs(runs, device, args.profile)
+
+
+def profile_runs(runs: dict[str, tuple[Callable[[], None], Counter]], device: torch.device, iters: int) -> None:
+    """Where each configuration's time goes: the top kernels by GPU time (CUDA) or operators by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    for label, (run, _) in runs.items():
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                run()
+            _sync(device)
+        print(f"\n### profile of {iters} iteration(s): {label}")
+        print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

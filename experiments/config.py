@@ -306,6 +306,8 @@ class TrainConfig:
     amp: str | None = None            # None | bf16
     seed: int = 0
     deterministic: bool = False
+    channels_last: bool = False       # NHWC nets: cuDNN's bf16 convolutions then need no layout transposes
+    cudnn_benchmark: bool = False     # cuDNN times its algorithms per input shape (fixed crops; not deterministic)
     max_nonfinite: int = 10           # stop after this many skipped non-finite steps
     ckpt_every: int = 0               # also write checkpoints/last.pt every N iterations (0 = end only)
     threads: int | None = None        # torch.set_num_threads (None = leave as is)
@@ -317,6 +319,9 @@ class TrainConfig:
         if self.batch < 1 or self.ul_batch < 1:
             raise ConfigError("train.batch and train.ul_batch must be >= 1")
         _at_least("train.seed", self.seed, 0)
+        if self.cudnn_benchmark and self.deterministic:
+            raise ConfigError("train.cudnn_benchmark picks kernels by timing them: it cannot be combined with "
+                              "train.deterministic")
         _at_least("train.max_nonfinite", self.max_nonfinite, 0)
         _at_least("train.ckpt_every", self.ckpt_every, 0)
         if self.epochs is not None and not self.epochs > 0:

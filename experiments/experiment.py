@@ -371,6 +371,9 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
         with _configured(f"tasks.{k}.kwargs"):   # also a keyword the wrapped model (e.g. smp's) does not take
             tasks[k] = create_task(getattr(cfg.tasks, k).name or k, **_task_kwargs(cfg, k, train_sets[k], specs[k]))
         tasks[k] = tasks[k].to(device)
+    if cfg.train.channels_last:
+        for module in (net, *tasks.values()):
+            module.to(memory_format=torch.channels_last)
     broadcast_modules([net, *tasks.values()], world)
 
     total = cfg.train.iters

@@ -167,7 +167,8 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
 # What a resumed run may change: where data and outputs live, how it logs and evaluates, and how long it runs.
 # Everything else would be overwritten by the optimiser/scheduler states or change the run's meaning.
 RESUMABLE = ("train.iters", "train.epochs", "train.device", "train.threads", "train.ckpt_every",
-             "train.max_nonfinite", "train.deterministic", "data.root", "data.num_workers", "data.cache_gb", "eval.", "log.",
+             "train.max_nonfinite", "train.deterministic", "train.channels_last", "train.cudnn_benchmark",
+             "data.root", "data.num_workers", "data.cache_gb", "eval.", "log.",
              "tasks.critic.data_root", "tasks.seg.data_root", "tasks.det.data_root")
 
 
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.epochs is not None and not args.eval_only:
         n_train = len(create_split(cfg, data_spec(cfg, None), "train"))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(

@@ -548,6 +548,30 @@ def test_device_image_equals_param(device):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["gn", "unrolled"])
+def test_channels_last_nets_take_the_same_steps(device, method):
+    """``train.channels_last`` changes only the nets' memory layout: the same rows, updates and running stats
+    (also through the double backward of ``unrolled``)."""
+    base = Setup(bn=True)
+    for m in base.modules():
+        m.to(device)
+    to = lambda b: {k: v.to(device) for k, v in b.items()}
+    batches = {"ll": to(LL), "upper": to(UL_C), "seg/ul": to(UL_S)}
+    states = []
+    for channels_last in (False, True):
+        s = base.clone()
+        if channels_last:
+            for m in s.modules():
+                m.to(memory_format=torch.channels_last)
+            assert s.upper.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            assert not s.upper.conv1.weight.is_contiguous()
+        step = s.step(hypergrad=method, hypergrad_options=ESTIMATORS[method], aggregate="gradnorm_softmax")
+        for _ in range(2):
+            assert step.step(batches)["upper_step"] == 1.0
+        states.append(_state(s))
+    _assert_states(states[0], states[1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["none", "gn"])
 def test_shared_ll_and_ul_batch_object(method):
     """One stream as LL and UL stream: its forward is reused, with a graph if the upper step needs it."""
@@ -758,9 +782,13 @@ def test_bench_bilevel_smoke(capsys):
     from experiments.bench_bilevel import main
 
     configs = "joint,gn,gn_lower,gn_param,unrolled1"  # unrolled K=3 adds double backward time, not coverage
-    main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs", configs])
+    main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs", configs,
+          "--channels-last", "--profile", "1"])
     out = capsys.readouterr().out
     assert "| joint (single-level) |" in out and "| bi-level unrolled K=1, image path, with UL |" in out
     assert "| bi-level gn, param path (per-constraint passes), with UL |" in out
     row = next(line for line in out.splitlines() if line.startswith("| bi-level gn, image path"))
     assert row.split("|")[5:8] == [" 2 ", " 1 ", " 2 "]  # LL updates, UL updates, fusion forwards
+    assert "channels_last" in out.splitlines()[0]
+    assert out.count("### profile of 1 iteration(s): ") == len(configs.split(","))
+    assert "aten::convolution_backward" in out.split("### profile of 1 iteration(s): bi-level unrolled K=1")[1]

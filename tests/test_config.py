@@ -75,6 +75,12 @@ def test_override_errors(item: str, fragment: str) -> None:
         apply_overrides(RunConfig(), [item])
 
 
+def test_cudnn_benchmark_excludes_deterministic_kernels() -> None:
+    assert apply_overrides(RunConfig(), ["train.cudnn_benchmark=true"]).train.cudnn_benchmark
+    with pytest.raises(ConfigError, match="train.cudnn_benchmark.*train.deterministic"):
+        apply_overrides(RunConfig(), ["train.cudnn_benchmark=true", "train.deterministic=true"])
+
+
 def test_unknown_key_lists_valid_keys_and_suggests() -> None:
     with pytest.raises(ConfigError) as err:
         apply_overrides(RunConfig(), ["bilevel.cg.iter=3"])

@@ -143,7 +143,8 @@ def test_logged_keys_of_contracts_reach_wandb(seg_run) -> None:
     (["--task", "fusion"], "fusion"),
     (["--task", "seg", "--fusion-net", "moe_fusion_tiny", "--hypergrad", "gn"], "seg"),
     (["--task", "seg", "--fusion-net", "tc_moa_tiny", "--hypergrad", "gn"], "seg"),
-    (["--task", "seg", "--fusion-net", "bdl_tiny", "--hypergrad", "unrolled"], "seg"),
+    (["--task", "seg", "--fusion-net", "bdl_tiny", "--hypergrad", "unrolled",          # NHWC nets, 2nd order
+      "--set", "train.channels_last=true", "--set", "train.cudnn_benchmark=true"], "seg"),
     (["--task", "seg", "--hypergrad", "cg", "--aggregate", "mgda"], "seg"),     # parameter-space rows
     (["--task", "seg", "--set", "bilevel.reuse_lower_grads=true"], "seg"),     # ∇f from the LL step
 ])
