@@ -33,10 +33,12 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from .convgrad import first_order_conv_backward
 from .registry import lookup
 
 Objective = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
@@ -338,7 +340,9 @@ def _unrolled(
         y_t = _requires(ys)
         for t in range(steps):
             keep = truncate is None or t >= steps - truncate
-            g = _grad(_scalar(lower(xs, y_t), "lower"), y_t, create_graph=keep)
+            with first_order_conv_backward() if keep else nullcontext():   # ∇_y f is differentiated again
+                value = _scalar(lower(xs, y_t), "lower")
+            g = _grad(value, y_t, create_graph=keep)
             y_next = tuple(p - lr * q for p, q in zip(y_t, g))
             y_t = y_next if keep else _requires(y_next)
         return _grad(_scalar(upper(xs, y_t), "upper"), xs)
@@ -378,7 +382,9 @@ class _HVP:
 
     def __init__(self, lower, xs, ys, ridge: float, reduce: Reduce | None):
         self.xs, self.ys = xs, _requires(ys)
-        self.gfy = _grad(_scalar(lower(xs, self.ys), "lower"), self.ys, create_graph=True)
+        with first_order_conv_backward():   # ∇_y f is differentiated again
+            value = _scalar(lower(xs, self.ys), "lower")
+        self.gfy = _grad(value, self.ys, create_graph=True)
         self.ridge, self.reduce = ridge, reduce
 
     def __call__(self, v: Sequence[Tensor]) -> tuple[Tensor, ...]:
