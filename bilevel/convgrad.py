@@ -44,7 +44,7 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, dtype = ctx.conf
         # under autocast the forward ran in ``dtype``: the backward does too, and returns the inputs' dtypes
-        g, xc, wc = grad.to(dtype), x.to(dtype), weight.to(dtype)
+        g, wc = grad.to(dtype), weight.to(dtype)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             extra = tuple(
@@ -54,7 +54,7 @@ class _Conv2d(torch.autograd.Function):
             gx = F.conv_transpose2d(g, wc, None, stride, padding, extra, groups, dilation).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gw = torch.ops.aten.convolution_backward(
-                g, xc, wc, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+                g, x.to(dtype), wc, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
                 [False, True, False])[1].to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3)).to(weight.dtype)
@@ -69,6 +69,8 @@ class _FirstOrderConvBackward(TorchFunctionMode):
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         call = {**dict(zip(names, args)), **kwargs}
         x, weight = call["input"], call["weight"]
+        if x.dim() != 4:   # unbatched input: left as is
+            return func(*args, **kwargs)
         stride, padding, dilation = _pair(call.get("stride", 1)), call.get("padding", 0), _pair(call.get("dilation", 1))
         if padding == "valid":
             padding = 0
@@ -77,8 +79,6 @@ class _FirstOrderConvBackward(TorchFunctionMode):
             if any(t % 2 for t in total):
                 return func(*args, **kwargs)
             padding = [t // 2 for t in total]
-        if x.dim() != 4:   # unbatched input: left as is
-            return func(*args, **kwargs)
         return _Conv2d.apply(x, weight, call.get("bias"), stride, _pair(padding), dilation, int(call.get("groups", 1)))
 
 
