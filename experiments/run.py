@@ -33,7 +33,7 @@ import torch
 
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from experiments.cli import ArgumentParser
+from experiments.cli import ArgumentParser, retain_freed_memory
 from experiments.config import (
     TASK_CHOICES,
     ConfigError,
@@ -374,4 +374,5 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     sys.exit(cli())

@@ -178,19 +178,22 @@ def histogram(idx: Tensor, bins: int) -> Tensor:
     """Counts per leading (B, C) slice of integer indices in [0, bins); returns (B, C, bins) float64.
 
     Args:
-        idx: (B, C, N) int64 bin indices.
+        idx: (B, C, N) integer bin indices (int32 is 2–4× faster than int64 on the CPU here).
         bins: number of bins.
     """
     b, c, _ = idx.shape
-    offset = torch.arange(b * c, device=idx.device).reshape(b, c, 1) * bins
-    counts = torch.bincount((idx + offset).reshape(-1), minlength=b * c * bins)
+    if b * c * bins > torch.iinfo(torch.int32).max:
+        idx = idx.to(torch.int64)
+    if b * c > 1:
+        idx = idx + torch.arange(b * c, device=idx.device, dtype=idx.dtype).reshape(b, c, 1) * bins
+    counts = torch.bincount(idx.reshape(-1), minlength=b * c * bins)
     return counts.reshape(b, c, bins).to(torch.float64)
 
 
 def joint_histogram(idx_x: Tensor, idx_y: Tensor, bins: int) -> Tensor:
     """Joint counts (B, C, bins, bins) of broadcastable (B, C, N) index tensors (x → rows, y → columns)."""
     idx_x, idx_y = torch.broadcast_tensors(idx_x, idx_y)
-    return histogram(idx_x * bins + idx_y, bins * bins).reshape(*idx_x.shape[:2], bins, bins)
+    return histogram(torch.add(idx_y, idx_x, alpha=bins), bins * bins).reshape(*idx_x.shape[:2], bins, bins)
 
 
 def entropy_from_counts(counts: Tensor, dims: tuple[int, ...] = (-1,), log=torch.log2) -> Tensor:
@@ -201,8 +204,12 @@ def entropy_from_counts(counts: Tensor, dims: tuple[int, ...] = (-1,), log=torch
 
 
 def quantise_levels(x: Tensor, levels: int = 256) -> Tensor:
-    """Integer bin index of 0–255 data (nearest level, halves up, clamped): the uint8 conversion."""
-    return torch.floor(x.clamp(0, levels - 1) + 0.5).to(torch.int64)
+    """Integer (int32) bin index of 0–255 data (nearest level, halves up, clamped): the uint8 conversion.
+
+    The integer conversion truncates, which is the floor here (the values are ≥ 0.5); an explicit ``floor``
+    was a slow extra pass over the image on the CPU.
+    """
+    return x.clamp(0, levels - 1).add_(0.5).to(torch.int32)
 
 
 def minmax_normalise(x: Tensor) -> Tensor:

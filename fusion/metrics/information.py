@@ -40,7 +40,7 @@ def _liu_levels(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     n = normalise_255(x)
     bad = torch.isnan(n).flatten(2).any(-1)
-    return torch.nan_to_num(n).to(torch.int64).flatten(2), bad
+    return torch.nan_to_num(n).to(torch.int32).flatten(2), bad
 
 
 @register_metric("EN", higher_is_better=True, profiles=ALL, reference="Shannon entropy (Roberts et al. 2008)")
@@ -57,7 +57,7 @@ def en(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
 def _mi_levels(x: Tensor, profile: str) -> Tensor:
     """Bin indices for MI under each profile."""
     if profile == "vifb":  # min–max normalised, int16(x*255) rounding (halves away from zero)
-        return torch.floor(minmax_normalise(x) * 255 + 0.5).to(torch.int64).flatten(2)  # x ≥ 0
+        return (minmax_normalise(x) * 255 + 0.5).to(torch.int32).flatten(2)  # ≥ 0.5: truncation is the floor
     idx = _flat_levels(x)
     if profile in ("tang", "tang_legacy"):  # MATLAB bins min(v+1, 255): levels 254 and 255 share one bin
         idx = idx.clamp(max=254)

@@ -138,8 +138,10 @@ def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") 
     return channel_mean(_ms_ssim_single(xa, f) + _ms_ssim_single(xb, f))
 
 
-def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pixel gain g and information maps log10(1 + g²σ_X²/(σ_v² + σ_n²)), log10(1 + σ_X²/σ_n²).
+def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float, *, log: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel gain g and information maps log10(1 + g²σ_X²/(σ_v² + σ_n²)), log10(1 + σ_X²/σ_n²)
+    (``log=False``: the maps' arguments, for :func:`_log10_sum`).
 
     The VIF channel model F = g·X + V with vifp_mscale's stabilising rules (ε = 1e-10: g = 0 where
     σ_X² < ε or σ_F² < ε or g < 0; σ_v² = max(σ_F² − g·σ_XF, ε); σ_X² = 0 where < ε). Wherever those rules
@@ -156,8 +158,24 @@ def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float) -> tuple
     torch.sub(s2, sv, out=sv).clamp_(min=eps).add_(sigma_nsq)
     g.mul_(keep)
     s1 = s1 * (s1 >= eps)
-    info = torch.mul(g, g).mul_(s1).div_(sv).add_(1).log10_()
-    return g, info, s1.div_(sigma_nsq).add_(1).log10_()
+    info = torch.mul(g, g).mul_(s1).div_(sv).add_(1)
+    ind = s1.div_(sigma_nsq).add_(1)
+    return (g, info.log10_(), ind.log10_()) if log else (g, info, ind)
+
+
+def _log10_sum(v: Tensor) -> Tensor:
+    """Σ log10 v over the last two dims for v ≥ 1, as the logs of products of 16 entries.
+
+    On the CPU a float64 log costs as much as a dozen additions; one per 16 entries makes VIF's sums 7×
+    cheaper. The VIF arguments are below 1 + 255²/2, so a product of 16 stays far inside float64's range;
+    should one overflow anyway, the plain sum of logs is taken.
+    """
+    flat = v.flatten(-2)
+    n = flat.shape[-1] - flat.shape[-1] % 16
+    products = flat[..., :n].unflatten(-1, (-1, 16)).prod(-1)
+    if not bool(torch.isfinite(products).all()):
+        return flat.log10().sum(-1)
+    return products.log10_().sum(-1) + flat[..., n:].log10().sum(-1)
 
 
 def _moment(p: Tensor, q: Tensor, win: Tensor, saturate: bool) -> Tensor:
@@ -205,9 +223,9 @@ def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = Fa
     den = [0.0] * len(sources)
     for s1s, s2, s12s in _vif_scales(f, sources, clip_products=clip_products):
         for i, (s1, s12) in enumerate(zip(s1s, s12s)):
-            _, vid, vind = _vif_channel(s1, s2, s12, 2.0)
-            num[i] = num[i] + vid.sum(dim=(-2, -1))
-            den[i] = den[i] + vind.sum(dim=(-2, -1))
+            _, vid, vind = _vif_channel(s1, s2, s12, 2.0, log=False)
+            num[i] = num[i] + _log10_sum(vid)
+            den[i] = den[i] + _log10_sum(vind)
     return sum(nu / de for nu, de in zip(num, den))
 
 
