@@ -370,3 +370,15 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
         rtol = 1e-6 if (n, profile) == ("SSIM", "reference") else 1e-13
         assert chunked[n].shape == (5,)
         assert torch.allclose(chunked[n], whole[n], rtol=rtol, atol=0), n
+
+
+@pytest.mark.parametrize("scale", [8128.0, 1e30])
+def test_vif_log_sum_equals_the_sum_of_logs(scale) -> None:
+    """VIF's grouped-product log sum against the plain sum of logs: the VIF range (arguments up to
+    1 + 127.5²/2), and arguments so large that products of 16 overflow (the fallback). 61×67 pixels leave a
+    remainder after the groups of 16."""
+    from fusion.metrics.structural import _log10_sum
+
+    v = 1 + torch.rand(2, 3, 61, 67, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
+    expected = v.log10().sum(dim=(-2, -1))
+    torch.testing.assert_close(_log10_sum(v), expected, rtol=1e-13, atol=0)

@@ -164,13 +164,15 @@ def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float, *, log: 
 
 
 def _log10_sum(v: Tensor) -> Tensor:
-    """Σ log10 v over the last two dims for v ≥ 1, as the logs of products of 16 entries.
+    """Σ log10 v over the last two dims for v ≥ 1; on the CPU as the logs of products of 16 entries.
 
-    On the CPU a float64 log costs as much as a dozen additions; one per 16 entries makes VIF's sums 7×
-    cheaper. The VIF arguments are below 1 + 255²/2, so a product of 16 stays far inside float64's range;
-    should one overflow anyway, the plain sum of logs is taken.
+    There a float64 log costs as much as a dozen additions; one per 16 entries makes VIF's sums 7× cheaper.
+    The VIF arguments are below 1 + 255²/2, so a product of 16 stays far inside float64's range; should one
+    overflow anyway, the plain sum of logs is taken. Elsewhere (cheap logs) the plain sum.
     """
     flat = v.flatten(-2)
+    if flat.device.type != "cpu":
+        return flat.log10().sum(-1)
     n = flat.shape[-1] - flat.shape[-1] % 16
     products = flat[..., :n].unflatten(-1, (-1, 16)).prod(-1)
     if not bool(torch.isfinite(products).all()):
