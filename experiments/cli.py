@@ -2,7 +2,8 @@
 
 argparse prints its usage and then ``prog: error: message``; the toolkit's rule (README, reliability) is a single
 line that starts with ``error:`` and names the flag, before any work. The argument types below refuse bad
-numbers the same way, at parse time.
+numbers the same way, at parse time. :func:`retain_freed_memory` is the process setting that the training and
+benchmark commands make at start-up.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 25
     that size page-faults all of them again. A CPU bi-level iteration allocates several parameter-sized
     gradients (57 MB each for a U-Net/ResNet-18): about 10 % of its time on the 2-core machine of
     BENCHMARKS.md. Blocks up to ``mmap_threshold`` (32 MiB, the ceiling of glibc's own adaptive threshold)
-    then come from the heap, and up to ``trim_threshold`` of free heap is kept. Nothing changes where a ``MALLOC_*`` variable or
-    ``GLIBC_TUNABLES`` is set (the user's own choice), or without glibc (macOS, Windows, musl).
+    then come from the heap, and up to ``trim_threshold`` of free heap is kept. Nothing changes where a
+    ``MALLOC_*`` variable or ``GLIBC_TUNABLES`` is set (the user's own choice), or without glibc (macOS,
+    Windows, musl).
     """
     if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
         return False
