@@ -192,8 +192,9 @@ def _grad(
         create_graph=create_graph,
         retain_graph=retain_graph,
     )
-    found = dict(zip(need, grads))  # zeros only where none came back: zero-filling every input cost 5 % of a
-    # CPU bi-level iteration (a ResNet-18's parameters, twice per constraint)
+    # zeros only where no gradient came back: zero-filling every input first cost 5 % of a CPU bi-level
+    # iteration (a ResNet-18's parameters, twice per constraint)
+    found = dict(zip(need, grads))
     return tuple(g if (g := found.get(i)) is not None else torch.zeros_like(t) for i, t in enumerate(inputs))
 
 
