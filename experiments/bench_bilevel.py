@@ -27,6 +27,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -282,7 +283,14 @@ def main(argv: list[str] | None = None) -> None:
             else bilevel_step(parts, amp_dtype, ll, ul, **kw)
         )
         runs[label] = (run, parts["counter"])
-    results = measure(runs, device, args.warmup, args.iters)
+    try:
+        results = measure(runs, device, args.warmup, args.iters)
+    except ValueError as err:   # training-mode batch norm needs two values per channel at the deepest level
+        if "value per channel" not in str(err):
+            raise
+        print(f"error: --size {args.size[0]}x{args.size[1]} with --batch {args.batch} is too small for the "
+              f"segmenter's batch norm ({err}); use a larger --size or --batch", file=sys.stderr)
+        raise SystemExit(2) from None
     joint = results["joint (single-level)"]["time"]
     full = results["bi-level gn, image path, with UL update"]["time"]
     lower_only = results["bi-level gn, lower-only iteration"]["time"]
