@@ -333,7 +333,6 @@ def test_separable_filter_matches_2d_correlation(step):
             assert got[i, c].numpy() == pytest.approx(ref, rel=1e-12, abs=1e-10)
 
 
-
 @pytest.mark.parametrize("n", [3, 4, 9, 17])
 def test_banded_filter_matches_shift_and_add(n):
     """The GPU float64 path (products with banded matrices) gives the shift-and-add's 'valid' outputs for
@@ -363,7 +362,6 @@ def test_metrics_through_banded_filters_equal_the_default_path(monkeypatch):
             assert torch.allclose(banded[n], default[p][n], rtol=1e-10, atol=1e-12), (p, n)
 
 
-
 def test_banded_filters_on_a_vifb_pair(monkeypatch, shared_data):
     """On real images (near-flat sky, saturated lamps) the banded products move VIF, VIFF and Qp by round-off
     only: well inside the 4 decimals the metrics are reported with."""
@@ -380,6 +378,7 @@ def test_banded_filters_on_a_vifb_pair(monkeypatch, shared_data):
     banded = compute_metrics(f, a, b, names)
     for n in names:
         assert torch.allclose(banded[n], default[n], rtol=1e-8, atol=0), n
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 11])
 def test_window_sums_are_exact_moving_sums(n):
