@@ -59,14 +59,15 @@ def _run(step: str, fn, argv: list[str]) -> None:
         raise SystemExit(f"error: {step} failed")
 
 
-def _publish(eval_dir: Path, out: Path, ranked: Sequence[str], overwrite: bool) -> None:
-    targets = [out / n for n in ("tables.md", "tables.tex", "summary.csv", "per_image.csv")]
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise SystemExit(f"error: {existing[0]} exists; pass --overwrite to regenerate the results")
+def _outputs(out: Path) -> list[Path]:
+    return [out / n for n in ("tables.md", "tables.tex", "summary.csv", "per_image.csv")]
+
+
+def _publish(eval_dir: Path, out: Path, ranked: Sequence[str]) -> None:
+    """Tables and CSVs of ``eval_dir`` into ``out``, replacing those there (``main`` checked --overwrite)."""
     out.mkdir(parents=True, exist_ok=True)
     rank = ["--rank", ",".join(ranked)] if ranked else []
-    _run("tables", tables.main, [str(eval_dir), "--metrics", METRICS, *rank, "--out", str(out)])
+    _run("tables", tables.main, [str(eval_dir), "--metrics", METRICS, *rank, "--out", str(out), "--overwrite"])
     for name in ("summary.csv", "per_image.csv"):
         shutil.copyfile(eval_dir / name, out / name)
 
@@ -94,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: checkpoint {missing[0]} not found", file=sys.stderr)
         return 2
+    existing = [t for set_name in ("vifb", "roadscene") for t in _outputs(out / set_name) if t.exists()]
+    if existing and not args.overwrite:
+        print(f"error: {existing[0]} exists; pass --overwrite to regenerate the results", file=sys.stderr)
+        return 2
     names = [c.stem for c in checkpoints]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="roadscene_results_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(f"evaluate {set_name}", evaluate.main,
              ["--ir", str(ir), "--vi", str(vi), *published, "--fused", *fused, "--profile", "reference",
               "--metrics", METRICS, "--device", "cpu", "--out", str(eval_dir), "--no-progress"])
-        _publish(eval_dir, out / set_name, names if published else [], args.overwrite)
+        _publish(eval_dir, out / set_name, names if published else [])
     print(f"\nwrote {out / 'vifb'} and {out / 'roadscene'} (fused images and raw outputs in {work})")
     return 0
 

@@ -394,6 +394,23 @@ def test_window_sums_are_exact_moving_sums(n):
         assert torch.equal(x, original)
     box = x.unfold(-2, n, 1).unfold(-2, n, 1).sum(dim=(-2, -1)) / (n * n)
     assert torch.equal(box_filter_valid(x, n), box)
+    # float32 sums of centred uint8 products are exact: the same float64 result, extremes included
+    x[..., :n, :n] = 255.0
+    for p, q in ((x, x), (x, 255 - x)):
+        prod = (p - 127.5) * (q - 127.5)
+        assert torch.equal(box_filter_valid(prod.float(), n), box_filter_valid(prod, n))
+
+
+def test_cddfuse_ssim_float32_sums_change_nothing(monkeypatch):
+    """The cddfuse SSIM's float32 window sums give the value of float64 sums to the bit (flat patches too)."""
+    from fusion.metrics import structural
+
+    f, a, b = (torch.round(textured(70, 90, seed=s) * 255) / 255 for s in (31, 32, 33))
+    f[..., :20, :30], a[..., :20, :30], b[..., 5:25, :30] = 1.0, 0.0, 0.5
+    fast = value("SSIM", f, a, b, "cddfuse")
+    sums64 = structural.box_filter_valid
+    monkeypatch.setattr(structural, "box_filter_valid", lambda t, n: sums64(t.to(torch.float64), n))
+    assert value("SSIM", f, a, b, "cddfuse") == fast
 
 @pytest.mark.parametrize(("batch_a", "batch_b", "chunks"), [(5, 5, 5), (1, 1, 3), (5, 1, 3), (1, 5, 3)])
 def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batch_b, chunks):
@@ -429,3 +446,15 @@ def test_vif_log_sum_equals_the_sum_of_logs(scale) -> None:
     v = 1 + torch.rand(2, 3, 61, 67, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
     expected = v.log10().sum(dim=(-2, -1))
     torch.testing.assert_close(_log10_sum(v), expected, rtol=1e-13, atol=0)
+
+
+def test_reference_qabf_is_float64(monkeypatch):
+    """Unquantised grey levels: the reference Qabf is the float64 value on every device (a float32 path
+    merges nearly equal levels and flips branches); the uint8 profiles may use float32 on the CPU."""
+    from fusion.metrics import edges
+
+    f, a, b = textured(seed=41, channels=3), textured(seed=42, channels=3), textured(seed=43, channels=3)
+    b[..., :24, :] = f[..., :24, :] + 1e-7   # levels float32 cannot tell apart from f's
+    default = value("Qabf", f, a, b)
+    monkeypatch.setattr(edges, "window_dtype", lambda device: torch.float64)
+    assert value("Qabf", f, a, b) == default

@@ -117,3 +117,45 @@ def test_rank_table_ranks_each_variant_among_the_others(runs, capsys) -> None:
 def test_no_folders_and_no_paper_is_an_error_line(capsys) -> None:
     assert tables.main([]) == 2
     assert capsys.readouterr().err.startswith("error: give run directories")
+
+
+def _results_layout(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    for sub in ("vifb/ir", "vifb/vi", "vifb/fused", "roadscene/ir", "roadscene/vi"):
+        (data / sub).mkdir(parents=True)
+    ckpt = tmp_path / "mine.pt"
+    ckpt.write_bytes(b"")
+    return data, ckpt
+
+
+def test_results_regeneration_refuses_existing_tables_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    """Without --overwrite: one error line naming the file, exit 2, before any fusing; the file is kept."""
+    from experiments import roadscene_results
+
+    data, ckpt = _results_layout(tmp_path)
+    mine = tmp_path / "results" / "roadscene" / "tables.md"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my table")
+    monkeypatch.setattr(roadscene_results.fuse, "main", lambda argv: pytest.fail("fused before the check"))
+    argv = ["--data", str(data), "--checkpoints", str(ckpt), "--out", str(tmp_path / "results"),
+            "--work", str(tmp_path / "work")]
+    assert roadscene_results.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(mine) in err[0] and "--overwrite" in err[0]
+    assert mine.read_text() == "my table" and not (tmp_path / "work").exists()
+
+
+def test_results_regeneration_with_overwrite_replaces_the_tables(tmp_path) -> None:
+    """--overwrite reaches tables.py: tables and CSVs already under --out are replaced (it failed there)."""
+    from experiments import roadscene_results
+
+    out = tmp_path / "published"
+    out.mkdir()
+    for target in roadscene_results._outputs(out):
+        target.write_text("old")
+    eval_dir = tmp_path / "eval"
+    _write(eval_dir / "summary.csv", ["method", "n", "EN"], [["a", 2, 6.5], ["b", 2, 6.9]])
+    _write(eval_dir / "per_image.csv", ["method", "image", "EN"], [["a", "x", 6.5], ["b", "x", 6.9]])
+    roadscene_results._publish(eval_dir, out, [])
+    assert all(t.read_text() != "old" for t in roadscene_results._outputs(out))
+    assert "6.9" in (out / "tables.md").read_text()

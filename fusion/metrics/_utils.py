@@ -131,13 +131,17 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
 
 
 def box_filter_valid(x: Tensor, n: int) -> Tensor:
-    """n×n moving average, 'valid', in float64: window sums by :func:`window_sums`, then ÷ n².
+    """n×n moving average, 'valid', returned in float64: window sums by :func:`window_sums`, then ÷ n².
 
-    The sums are exact on integer-valued data (the uint8 profiles), so flat windows give exactly zero
-    variances.
+    The sums run in float64, or in float32 when ``x`` is float32: the caller's promise that every partial
+    sum is exact there (multiples of 1/4 below 2²² in magnitude, e.g. products of centred uint8 levels over
+    windows up to 16×16). On integer-valued data (the uint8 profiles) the sums are exact either way, so the
+    result is the same to the bit and flat windows give exactly zero variances; float32 halves the memory
+    traffic of the shift-and-add passes.
     """
-    x = x.to(torch.float64)
-    return window_sums(window_sums(x, n, -2), n, -1).div_(n * n)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float64)
+    return window_sums(window_sums(x, n, -2), n, -1).to(torch.float64).div_(n * n)
 
 
 def window_sums(x: Tensor, n: int, dim: int) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusion.metrics._utils import channel_mean, sobel, window_dtype
-from fusion.metrics.profiles import prepare
+from fusion.metrics.profiles import get_profile, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["nabf", "qabf"]
@@ -16,9 +16,17 @@ __all__ = ["nabf", "qabf"]
 HALF_PI = math.pi / 2
 
 
-def _angle(sx: Tensor, sy: Tensor) -> Tensor:
-    """atan(Sy/Sx), with π/2 where Sx = 0 (the reference codes' rule; ±inf or NaN there before the fill)."""
-    return torch.atan(sy / sx).masked_fill_(sx == 0, HALF_PI)
+def _angle(sx: Tensor, sy: Tensor, sx2: Tensor) -> Tensor:
+    """atan(Sy/Sx), with π/2 where Sx = 0 (the reference codes' rule; ±inf or NaN there), as
+    atan2(Sy·Sx + t, Sx²) (``sx2`` = Sx²; t the dtype's smallest normal number).
+
+    The same angle: Sx² > 0 keeps it in (−π/2, π/2), and where Sx = 0, t makes it +π/2. Elsewhere t is far
+    below the last bit of any product but the tiniest (Sobel responses of uint8 data are integers, their
+    products exact), and where Sy = 0 it leaves an angle below 1e-38. On the CPU a float32 ``atan`` is
+    scalar code: one vectorised ``atan2`` replaces it, the division and the mask fill (2.5× faster) and,
+    without the rounded quotient, lands closer to the float64 angle.
+    """
+    return torch.atan2(torch.mul(sy, sx).add_(torch.finfo(sx.dtype).tiny), sx2)
 
 
 def _edges(x: Tensor, pad_mode: str = "zeros", scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,8 +40,9 @@ def _edges(x: Tensor, pad_mode: str = "zeros", scale: float = 1.0) -> tuple[Tens
     sy = -sy
     if scale != 1.0:
         sx, sy = sx * scale, sy * scale
-    g2 = sx * sx + sy * sy
-    return g2, torch.sqrt(g2), _angle(sx, sy)
+    sx2 = sx * sx
+    g2 = sx2 + sy * sy
+    return g2, torch.sqrt(g2), _angle(sx, sy, sx2)
 
 
 def _ratio(g2x: Tensor, g2f: Tensor, gx: Tensor, gf: Tensor, equal: Tensor) -> Tensor:
@@ -60,10 +69,14 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     Where g_X = g_F the compatibility profiles keep the codes' quirk G = g_F (VIFB works on 255×
     scaled data, so G = 255·g_F there; ``mefb`` runs the same code); ``reference`` uses the intended G = 1.
 
-    On CPU the per-pixel terms run in float32 (Sobel responses of uint8 data are exact there; the
-    sigmoids are accurate to ~1e-7) and the sums in float64; ``FUSION_METRICS_FLOAT64=1`` forces float64.
+    On CPU the uint8 profiles run the per-pixel terms in float32 (their Sobel responses are integers, exact
+    there; the sigmoids are accurate to ~1e-7) and the sums in float64; ``FUSION_METRICS_FLOAT64=1`` forces
+    float64. ``reference`` (unquantised grey levels) stays in float64: float32 would merge nearly equal
+    levels, flipping the equal-strength branch and the sign of near-zero Sx (angles jump by π), which moved
+    VIFB values by up to 2e-3.
     """
-    f, xa, xb = (x.to(window_dtype(x.device)) for x in prepare(profile, fused, a, b))
+    dtype = window_dtype(fused.device) if get_profile(profile).quantise else torch.float64
+    f, xa, xb = (x.to(dtype) for x in prepare(profile, fused, a, b))
     tg, kg, dg, ta, ka, da = 0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8
     g2f, gf, af = _edges(f)
     if profile in ("vifb", "mefb"):

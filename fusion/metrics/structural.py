@@ -89,8 +89,9 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     """
     f, xa, xb = prepare(profile, fused, a, b)
     if profile == "cddfuse":
-        # C2 = 3.6e-3 is far below float32 round-off of window variances: float64 window sums
-        c1, c2, cov, dtype = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float64
+        # C2 = 3.6e-3 is far below float32 round-off of window variances, so the sums must be exact: the
+        # data are uint8 levels, centred half-integers whose products and 7×7 sums float32 holds exactly
+        c1, c2, cov, dtype = (0.01 * 2) ** 2, (0.03 * 2) ** 2, 49 / 48, torch.float32
         filt: Filter = lambda t: box_filter_valid(t, 7)
     else:
         c1, c2, cov, dtype = (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, window_dtype(f.device)
