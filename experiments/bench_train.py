@@ -13,20 +13,23 @@ The ratio runner/bare is the data path's overhead (target: ≤ 1.1 on a GPU; on 
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bilevel.registry import UnknownNameError
 from experiments.cli import ArgumentParser, device_name, positive_int, resolve_device
-from experiments.config import apply_overrides
+from experiments.config import ConfigError, apply_overrides
+from experiments.data import DataError
 from experiments.engine import train
-from experiments.experiment import build
+from experiments.experiment import Experiment, build
 from experiments.logging_utils import MetricsCSV, Tracker
 from experiments.presets import get_preset
 
-__all__ = ["main", "measure"]
+__all__ = ["experiment", "main", "measure"]
 
 
 def _sync(device: torch.device) -> None:
@@ -34,16 +37,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(preset: str, iters: int, device: str, data_root: str | None = None) -> dict[str, float]:
-    """Times (seconds per iteration) of the loader, the bare step and the runner for ``preset``."""
+def experiment(preset: str, iters: int, device: str, data_root: str | None = None) -> Experiment:
+    """``preset`` built for timing: ``iters`` bi-level iterations, no warm-up, evaluation, images or checkpoints."""
     cfg = get_preset(preset)
     overrides = [f"train.iters={2 * iters + 1}", "train.warmup_iters=0", "eval.enabled=False",
                  "eval.val_every=0", "log.image_every=0", "log.progress=False", "train.ckpt_every=0",
                  f"train.device={device!r}", "log.wandb='disabled'"]
     if data_root is not None:
         overrides.append(f"data.root={data_root!r}")
-    cfg = apply_overrides(cfg, overrides)
-    exp = build(cfg)
+    return build(apply_overrides(cfg, overrides))
+
+
+def measure(exp: Experiment, iters: int) -> dict[str, float]:
+    """Times (seconds per iteration) of the loader, the bare step and the runner of a built experiment."""
     dev = exp.device
     pairs = sum(exp.streams.batch_sizes.values())     # pairs drawn per iteration by every stream
 
@@ -64,7 +70,7 @@ def measure(preset: str, iters: int, device: str, data_root: str | None = None) 
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        tracker = Tracker("disabled", run_dir, {}, cfg.log.project, "bench")
+        tracker = Tracker("disabled", run_dir, {}, exp.cfg.log.project, "bench")
         _sync(dev)
         start = time.perf_counter()
         train(exp, iters + 1, run_dir, MetricsCSV(run_dir / "metrics.csv"), tracker, progress=False)
@@ -87,12 +93,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.data_root:
         jobs.append(("bdl_roadscene_seg", args.roadscene_iters, args.data_root))
     device = resolve_device(args.device, what="--device").type
+    try:   # every preset built, and its data checked, before anything is timed
+        built = [(preset, iters, experiment(preset, iters, args.device, root)) for preset, iters, root in jobs]
+    except (ConfigError, DataError, UnknownNameError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     rows = []
     print("| preset | device | bare step ms | runner iteration ms | runner / bare | data share | "
           "loader pairs/s | per worker |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for preset, iters, root in jobs:
-        r = measure(preset, iters, args.device, root)
+    for preset, iters, exp in built:
+        r = measure(exp, iters)
         share = max(0.0, r["runner_s"] - r["bare_s"]) / r["runner_s"]
         print(f"| {preset} | {device} | {1e3 * r['bare_s']:.1f} | {1e3 * r['runner_s']:.1f} | "
               f"{r['runner_s'] / r['bare_s']:.2f} | {100 * share:.0f} % | {r['pairs_per_s']:.1f} | "

@@ -42,3 +42,15 @@ def test_bad_options_are_refused() -> None:
         Fuser(net, amp="fp16")
     with pytest.raises(ValueError, match="compile"):
         Fuser(net, compile="fast")
+
+
+def test_inference_benchmark_runs_on_the_cpu(capsys) -> None:
+    """``bench.py infer`` times each asked-for configuration and prints one row each, ratios to the first."""
+    from experiments import bench_infer
+
+    configs = ["eager fp32", "eager channels_last"]
+    rows = bench_infer.main(["--device", "cpu", "--net", "bdl_tiny", "--size", "32x40", "--iters", "2",
+                             "--warmup", "0", "--configs", ",".join(configs)])
+    assert [r["config"] for r in rows] == configs and all(r["seconds"] > 0 for r in rows)
+    table = capsys.readouterr().out
+    assert "× eager fp32" in table and all(f"| {c} |" in table for c in configs)

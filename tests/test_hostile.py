@@ -323,9 +323,14 @@ COMMAND_LINE_CASES = {
                                                             "1", "--warmup", "0", "--configs", "joint,gn,gn_lower"],
                                                 "--size 16x16"),
     "bench infer: negative size": (bench.main, ["infer", "--size", "-5"], "--size"),
+    "bench infer: unknown config": (bench.main, ["infer", "--configs", "eager fp32,nope"], "--configs"),
+    "bench infer: a CUDA-only config on the CPU": (bench.main, ["infer", "--device", "cpu", "--configs",
+                                                               "eager fp32,eager bf16"], "eager bf16"),
     "bench metrics: no pairs": (bench.main, ["metrics", "--pairs", "0"], "--pairs"),
     "bench nets: zero height": (bench.main, ["nets", "--size", "0", "4"], "--size"),
     "bench train: negative iterations": (bench.main, ["train", "--iters", "-1"], "--iters"),
+    "bench train: no RoadScene folder there": (bench.main, ["train", "--device", "cpu", "--data-root",
+                                                           "/nonexistent/roadscene"], "/nonexistent/roadscene"),
 }
 
 

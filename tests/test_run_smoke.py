@@ -304,3 +304,13 @@ def test_retain_freed_memory_stops_the_page_faults_of_reallocated_blocks() -> No
     assert kept == "True" and 4 * retained < default, (retained, default)
     kept, user = faults("call", MALLOC_ARENA_MAX="2")
     assert kept == "False" and 4 * retained < user, (retained, user)
+
+
+def test_train_benchmark_runs_its_preset_on_the_cpu(capsys) -> None:
+    """``bench.py train`` builds synthetic_seg, times loader, bare step and runner, and prints one row."""
+    from experiments import bench_train
+
+    (row,) = bench_train.main(["--iters", "1", "--device", "cpu"])
+    assert row["preset"] == "synthetic_seg" and row["device"] == "cpu"
+    assert all(row[k] > 0 for k in ("loader_s", "bare_s", "runner_s", "pairs"))
+    assert "| synthetic_seg | cpu |" in capsys.readouterr().out
