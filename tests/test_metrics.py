@@ -458,3 +458,17 @@ def test_reference_qabf_is_float64(monkeypatch):
     default = value("Qabf", f, a, b)
     monkeypatch.setattr(edges, "window_dtype", lambda device: torch.float64)
     assert value("Qabf", f, a, b) == default
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qabf_angle_is_atan_of_the_ratio(dtype):
+    """atan2(Sy·Sx + t, Sx²) is the reference's atan(Sy/Sx), with +π/2 wherever Sx = 0 (Sy = 0 included)."""
+    from fusion.metrics.edges import _angle
+
+    g = torch.Generator().manual_seed(7)
+    sx, sy = (torch.randint(-1020, 1021, (4096,), generator=g).to(dtype) for _ in range(2))
+    sx[:300], sy[200:400] = 0, 0            # Sx = 0 with and without Sy, and Sy = 0 alone
+    got = _angle(sx, sy, sx * sx).double()
+    ref = torch.atan(sy.double() / sx.double()).masked_fill_(sx == 0, math.pi / 2)
+    assert torch.all(got[sx == 0] == torch.tensor(math.pi / 2, dtype=dtype).double())
+    assert (got - ref).abs().max() <= 4 * torch.finfo(dtype).eps

@@ -22,9 +22,9 @@ def _angle(sx: Tensor, sy: Tensor, sx2: Tensor) -> Tensor:
 
     The same angle: Sx² > 0 keeps it in (−π/2, π/2), and where Sx = 0, t makes it +π/2. Elsewhere t is far
     below the last bit of any product but the tiniest (Sobel responses of uint8 data are integers, their
-    products exact), and where Sy = 0 it leaves an angle below 1e-38. On the CPU a float32 ``atan`` is
-    scalar code: one vectorised ``atan2`` replaces it, the division and the mask fill (2.5× faster) and,
-    without the rounded quotient, lands closer to the float64 angle.
+    products exact), and where Sy = 0 it leaves an angle t/Sx² that no later difference can see. On the
+    CPU a float32 ``atan`` is scalar code: one vectorised ``atan2`` replaces it, the division and the mask
+    fill (2.5× faster) and, without the rounded quotient, lands closer to the float64 angle.
     """
     return torch.atan2(torch.mul(sy, sx).add_(torch.finfo(sx.dtype).tiny), sx2)
 
