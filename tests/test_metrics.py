@@ -412,6 +412,7 @@ def test_cddfuse_ssim_float32_sums_change_nothing(monkeypatch):
     monkeypatch.setattr(structural, "box_filter_valid", lambda t, n: sums64(t.to(torch.float64), n))
     assert value("SSIM", f, a, b, "cddfuse") == fast
 
+
 @pytest.mark.parametrize(("batch_a", "batch_b", "chunks"), [(5, 5, 5), (1, 1, 3), (5, 1, 3), (1, 5, 3)])
 def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batch_b, chunks):
     """CPU chunking changes no value: distinct pairs go one pair per chunk; fused images against a source
