@@ -30,6 +30,10 @@ before that step, instead of a further forward and backward of the constraint at
 constraint pass less per constraint and upper step, with ∇_y F and ∇_y f one LL step apart. The LL step's
 forward runs in the constraint's training mode (``constraint_eval`` does not apply to it).
 
+``cuda_graphs=True`` (GPU only) replays steps 1–2 of lower-only iterations as captured CUDA graphs, one set per
+batch shape, after a plain and a probed eager iteration (``bilevel.graphs``): the same updates with one
+launch instead of hundreds; whatever the probe finds that a graph cannot hold keeps the step eager.
+
 :meth:`BilevelStep.warmup` is the engine's warm-up phase: the same LL phase, then one upper update from the
 standalone row alone (its plain gradient, no hypergradients, no aggregator) through the same update code
 (DDP reduce, clipping, scheduler, non-finite skip). It ignores ``ul_every`` and does not advance
@@ -87,6 +91,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +99,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import graphs
 from .aggregate import combine, create_aggregator, gramian
 from .estimators import USES_LOWER_X, check_hypergrad_options, hypergrad
 
@@ -307,6 +313,8 @@ class BilevelStep:
             update from one backward pass through the upper net instead of K.
         reuse_lower_grads: ``gn``/``bdl_code`` on the image path take ∇f from the last LL step's backward (at
             the pre-step y) instead of a further constraint pass at the updated y (see module docstring).
+        cuda_graphs: replay the forwards and backwards of lower-only iterations as captured CUDA graphs
+            (``bilevel.graphs``; same updates, fewer launches). Ignored unless the upper net is on a GPU.
 
     Example:
         >>> seg = Constraint("seg", seg_net, seg_opt, seg_loss, seg_loss, ll_stream="train", ul_stream="val")
@@ -337,6 +345,7 @@ class BilevelStep:
         constraint_eval: bool = False,
         row_stats: bool | None = None,
         reuse_lower_grads: bool = False,
+        cuda_graphs: bool = False,
     ):
         self.constraints = list(constraints)
         names = [c.name for c in self.constraints]
@@ -367,6 +376,9 @@ class BilevelStep:
         self.amp_dtype, self.grad_clip, self.reduce = amp_dtype, grad_clip, reduce
         self.constraint_eval, self.reuse_lower_grads = constraint_eval, bool(reuse_lower_grads)
         self.row_stats = self.aggregator.uses_gramian if row_stats is None else bool(row_stats)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: dict[Any, graphs.Captured] = {}
+        self._probes: dict[Any, graphs.Probe | None] = {}   # signature → its probe (None: seen once)
         self.streams: dict[str, tuple[str, str]] = {
             c.name: (
                 f"{c.name}/ll" if c.ll_stream is None else c.ll_stream,
@@ -430,17 +442,24 @@ class BilevelStep:
         cache: dict[str, UpperOutput] = {}
         # Running stats move in the forwards below; a non-finite LL loss must leave them untouched too.
         buffers = _Buffers([self.upper, *(c.module for c in self.constraints)])
+        captured, probe = (None, None) if upper_step else self._graph_for(batches)
+        if captured is not None:
+            self.iteration += 1
+            self._lower_phase({}, captured.static, buffers, diag, captured=captured)
+            return diag
+        ll_batches = batches if probe is None else probe.wrap(batches, self._ll_streams())
         # On the image path the LL-stream graph is kept for the rows' VJP when the estimator uses ∇ₓf.
-        with torch.set_grad_enabled(upper_step and self.path == "image" and USES_LOWER_X[self.method]):
+        with (torch.set_grad_enabled(upper_step and self.path == "image" and USES_LOWER_X[self.method]),
+              probe or contextlib.nullcontext()):
             for c in self.constraints:
-                self._fused(cache, batches, self.streams[c.name][0])
+                self._fused(cache, ll_batches, self.streams[c.name][0])
         if upper_step and self.upper_loss is None and any(out.aux for out in cache.values()):
             self._require(batches, ul=False, upper_row=True)  # those aux must reach the upper row
         self.iteration += 1
         # constraint → (∇_z f, ∇_y f) of its last LL step, when the upper step reuses them
         lower_grads: dict[str, tuple[Tensor, list[Tensor]]] | None = (
             {} if upper_step and self.reuse_lower_grads else None)
-        if not self._lower_phase(cache, batches, buffers, diag, lower_grads):
+        if not self._lower_phase(cache, ll_batches, buffers, diag, lower_grads, probe=probe):
             return diag
         del buffers
         if upper_step:
@@ -508,7 +527,71 @@ class BilevelStep:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         device = next(self.upper.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.amp_dtype)
+        # A graph capture must not keep autocast's cast weights: they would outlive it in its memory pool.
+        capturing = device == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(device_type=device, dtype=self.amp_dtype, cache_enabled=not capturing)
+
+    def _ll_streams(self) -> list[str]:
+        return list(dict.fromkeys(self.streams[c.name][0] for c in self.constraints))
+
+    def _graph_for(self, batches: Mapping[str, Any]) -> tuple[graphs.Captured | None, graphs.Probe | None]:
+        """For a lower-only iteration: its graphs, refilled with ``batches``, or a probe to run it eagerly
+        under. A signature's first sight runs plainly (lazy initialisations, cached constants), the second
+        under the probe, the third captures. (None, None): eager (graphs off or not on a GPU, a first sight,
+        too many signatures, a reason found, a failed capture)."""
+        if not self.cuda_graphs or next(self.upper.parameters()).device.type != "cuda":
+            return None, None
+        ll = self._ll_streams()
+        key = tuple((s, graphs.signature(batches[s])) for s in ll)
+        captured = self._graphs.get(key)
+        if captured is None:
+            if key not in self._probes:
+                if len(self._probes) < graphs.MAX_GRAPHS:
+                    self._probes[key] = None
+                return None, None
+            probe = self._probes[key]
+            if probe is None:
+                self._probes[key] = probe = graphs.Probe()
+                return None, probe
+            if probe.reasons:
+                self._graphs_off(f"it cannot be captured: {'; '.join(sorted(probe.reasons))}")
+                return None, None
+            captured = self._capture({s: graphs.static_copy(batches[s]) for s in ll})
+            if captured is None:
+                return None, None
+            self._graphs[key] = captured
+        for s in ll:
+            graphs.refill(captured.static[s], batches[s])
+        return captured, None
+
+    def _graphs_off(self, why: str) -> None:
+        self.cuda_graphs = False
+        self._graphs.clear()
+        warnings.warn(f"cuda_graphs: the lower-only iteration stays eager, {why}", RuntimeWarning, stacklevel=3)
+
+    def _capture(self, static: dict[str, Any]) -> graphs.Captured | None:
+        steps, params = [], []
+        cache: dict[str, UpperOutput] = {}
+        for s in range(max((c.lower_steps for c in self.constraints), default=0)):
+            active = [c for c in self.constraints if s < c.lower_steps]
+
+            def step(s=s, active=active) -> Tensor:
+                if s == 0:
+                    with torch.no_grad():
+                        for stream in static:
+                            self._fused(cache, static, stream)
+                return self._lower_losses(active, cache, static, s)
+
+            steps.append(step)
+            params.append([p for c in active for p in c.module.parameters()])
+        try:
+            return graphs.capture(static, steps, params, shared=cache)
+        except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
+            for c in self.constraints:
+                c.optimizer.zero_grad(set_to_none=True)
+            self._graphs_off(f"its capture failed ({type(err).__name__}: {err}); should CUDA random numbers "
+                             "fail from now on, run without cuda_graphs")
+            return None
 
     def _require(self, batches: Mapping[str, Any], *, ul: bool, upper_row: bool) -> None:
         """KeyError naming every missing stream and who needs it."""
@@ -547,30 +630,41 @@ class BilevelStep:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.path == "image"):
             return bool(self._fused(cache, batches, self.upper_stream).aux)
 
+    def _lower_losses(self, active: list[Constraint], cache, batches, s: int = 0, lower_grads=None) -> Tensor:
+        """Forward and backward of inner LL step ``s`` of the ``active`` constraints; their stacked losses.
+        ``lower_grads`` (a dict) receives (∇_z f, ∇_y f) of the constraints whose last step this is."""
+        losses = []
+        for c in active:
+            c.optimizer.zero_grad(set_to_none=True)
+            stream = self.streams[c.name][0]
+            keep = lower_grads is not None and s == c.lower_steps - 1
+            z = _as_input(cache[stream].value).detach().requires_grad_(keep)
+            with self._autocast():
+                loss = _loss(c.lower_loss(z, batches[stream]), f"{c.name}.lower_loss")
+            loss.backward()
+            if keep:
+                ys = _trainable(c.module)[1]
+                lower_grads[c.name] = (
+                    torch.zeros_like(z) if z.grad is None else z.grad,
+                    [torch.zeros_like(y) if y.grad is None else y.grad.clone() for y in ys],
+                )
+            losses.append(loss.detach().float())
+        return torch.stack(losses)
+
     def _lower_phase(self, cache, batches, buffers: _Buffers, diag,
-                     lower_grads: dict[str, tuple[Tensor, list[Tensor]]] | None = None) -> bool:
+                     lower_grads: dict[str, tuple[Tensor, list[Tensor]]] | None = None,
+                     captured: graphs.Captured | None = None, probe: graphs.Probe | None = None) -> bool:
         """LL steps. False when a non-finite loss stopped them (``nonfinite=1``; buffers restored if at the
         first inner step). ``lower_grads`` (a dict) receives each constraint's (∇_z f, ∇_y f) of its last
-        step, before any DDP reduce (the estimator reduces ∇_y f as it does its own)."""
+        step, before any DDP reduce (the estimator reduces ∇_y f as it does its own). ``captured``: replay
+        its graphs for the forwards and backwards instead; ``probe``: run those under it."""
         for s in range(max((c.lower_steps for c in self.constraints), default=0)):
             active = [c for c in self.constraints if s < c.lower_steps]
-            losses = []
-            for c in active:
-                c.optimizer.zero_grad(set_to_none=True)
-                stream = self.streams[c.name][0]
-                keep = lower_grads is not None and s == c.lower_steps - 1
-                z = _as_input(cache[stream].value).detach().requires_grad_(keep)
-                with self._autocast():
-                    loss = _loss(c.lower_loss(z, batches[stream]), f"{c.name}.lower_loss")
-                loss.backward()
-                if keep:
-                    ys = _trainable(c.module)[1]
-                    lower_grads[c.name] = (
-                        torch.zeros_like(z) if z.grad is None else z.grad,
-                        [torch.zeros_like(y) if y.grad is None else y.grad.clone() for y in ys],
-                    )
-                losses.append(loss.detach().float())
-            stacked = torch.stack(losses)
+            if captured is not None:
+                stacked = captured.run(s)
+            else:
+                with probe or contextlib.nullcontext():
+                    stacked = self._lower_losses(active, cache, batches, s, lower_grads)
             for c, v in zip(active, stacked.tolist()):
                 diag[f"loss/lower/{c.name}"] = v
             if not bool(torch.isfinite(stacked).all()):

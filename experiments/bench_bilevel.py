@@ -7,6 +7,8 @@ Times, side by side in one run on whatever device is present, BDL's DRDB fusion 
   and segmentation losses on the image, one backward over everything, one step of each optimiser;
 * ``bilevel`` with ``gn`` on the image path (the fast path): an iteration with an upper update
   (``ul_every=1``) and a lower-only iteration; the BDL-schedule average is (9·lower-only + 1·full)/10;
+  ``gn_lower_graphs``: the lower-only iteration replayed as CUDA graphs (``train.cuda_graphs``; eager on a
+  CPU), and the schedule's average with it;
   aggregation ``gradnorm_softmax`` (it reads the K parameter-space rows: one VJP per row), and ``gn_onevjp``
   with ``bdl_released`` weights, which ignore the rows (one VJP of the weighted sum); ``gn_reuse`` as
   ``gn_onevjp`` with ∇f taken from the LL step (``reuse_lower_grads``: one constraint pass less, a different
@@ -55,6 +57,11 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "joint": ("joint (single-level)", "joint", {}),
     "gn": ("bi-level gn, image path, with UL update", "bilevel", {"hypergrad": "gn", "ul_every": 1}),
     "gn_lower": ("bi-level gn, lower-only iteration", "bilevel", {"hypergrad": "gn", "ul_every": 10**9}),
+    "gn_lower_graphs": (
+        "bi-level gn, lower-only iteration, CUDA graphs",
+        "bilevel",
+        {"hypergrad": "gn", "ul_every": 10**9, "cuda_graphs": True},
+    ),
     "gn_onevjp": (
         "bi-level gn, image path, bdl_released weights (one VJP, no rows), with UL",
         "bilevel",
@@ -88,7 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=image_size, default=(64, 64), help="H or HxW (GPU targets: 256, 480x640)")
     parser.add_argument("--batch", type=positive_int, default=2, help="LL and UL batch size (GPU target: 8)")
     parser.add_argument("--iters", type=positive_int, default=5, help="timed iterations per configuration")
-    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per configuration")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed iterations per configuration (CUDA graphs capture at the third)")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu / cuda / auto (default: cuda if available)")
     parser.add_argument(
         "--amp", choices=("none", "bf16"), default="none", help="autocast dtype (GPU target: bf16)"
@@ -293,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     joint = results["joint (single-level)"]["time"]
     full = results["bi-level gn, image path, with UL update"]["time"]
-    lower_only = results["bi-level gn, lower-only iteration"]["time"]
-    bdl_avg = (9 * lower_only + full) / 10
+    schedules = {"": results["bi-level gn, lower-only iteration"]["time"]}
+    if "gn_lower_graphs" in keys:
+        schedules[", lower-only as CUDA graphs"] = results[CONFIGS["gn_lower_graphs"][0]]["time"]
 
     dev = (
         torch.cuda.get_device_name(device)
@@ -319,16 +328,16 @@ def main(argv: list[str] | None = None) -> None:
             f"| {label} | {1e3 * r['time']:.1f} | {1e3 * r['min']:.1f} | {r['time'] / joint:.2f} | "
             f"{r['lower']:g} | {r['upper']:g} | {r['forwards']:g} | {peak} |"
         )
-    print(
-        f"| BDL schedule average (9 lower-only + 1 full) / 10 | {1e3 * bdl_avg:.1f} | | "
-        f"{bdl_avg / joint:.2f} "
-        f"| 2 | 0.1 | | |"
-    )
+    for what, lower_only in schedules.items():
+        bdl_avg = (9 * lower_only + full) / 10
+        print(f"| BDL schedule average (9 lower-only + 1 full) / 10{what} | {1e3 * bdl_avg:.1f} | | "
+              f"{bdl_avg / joint:.2f} | 2 | 0.1 | | |")
     print()
     print(
         "Unrolled K also runs K differentiable (virtual) inner steps per constraint inside the hypergradient;"
     )
-    print("they are not optimiser updates and are not counted above.")
+    print("they are not optimiser updates and are not counted above. Forwards replayed in a CUDA graph are not "
+          "counted either.")
     if args.profile:
         profile_runs(runs, device, args.profile)
 

@@ -402,6 +402,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
         aggregate=cfg.bilevel.aggregate, aggregate_options=aggregator_options(cfg, len(constraints)),
         ul_every=cfg.bilevel.ul_every, path=cfg.bilevel.path, row_stats=cfg.bilevel.row_stats,
         reuse_lower_grads=cfg.bilevel.reuse_lower_grads,
+        cuda_graphs=cfg.train.cuda_graphs,
         amp_dtype=torch.bfloat16 if cfg.train.amp == "bf16" else None,
         grad_clip=cfg.bilevel.grad_clip, reduce=reduce, upper_scheduler=upper_sched)
     return exp

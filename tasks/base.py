@@ -9,6 +9,7 @@ expects.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_NORMS = ("imagenet", "instance", "none")
 
 
+@functools.cache
+def _imagenet_constants(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Made once per device and dtype: a copy from the host on every call would keep CUDA graphs from
+    capturing a step. Normal tensors even when first asked for under ``inference_mode`` (autograd saves
+    ``std``)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(torch.tensor(v, dtype=dtype, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalize_input(image: Tensor, mode: str) -> Tensor:
     """Per-image input normalisation; never uses statistics across the batch.
 
@@ -38,8 +48,7 @@ def normalize_input(image: Tensor, mode: str) -> Tensor:
     if mode == "imagenet":
         if image.shape[-3] != 3:
             raise ValueError(f"ImageNet normalisation needs 3 channels, got {image.shape[-3]}")
-        mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+        mean, std = _imagenet_constants(image.device, image.dtype)
         return (image - mean) / std
     if mode == "instance":
         mu = image.mean(dim=(-2, -1), keepdim=True)

@@ -115,10 +115,9 @@ class SegTask(Task):
         """Cross-entropy (+ Dice) of the network on ``fused``: ``{"loss", "ce", ["dice"]}``."""
         target = self._target(batch, fused)
         logits = self(fused)
-        if (target != self.ignore_index).any():
-            ce = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.ignore_index)
-        else:  # every pixel ignored: CE's mean would be 0/0
-            ce = logits.sum() * 0.0
+        ce = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=self.ignore_index)
+        # Every pixel ignored: CE's mean is 0/0. Chosen on the device: no host sync (CUDA graphs).
+        ce = torch.where((target != self.ignore_index).any(), ce, logits.sum() * 0.0)
         out = {"loss": ce, "ce": ce}
         if self.dice is not None:
             dice = self.dice(logits, target)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from bilevel import BilevelStep, Constraint, UpperOutput, create_aggregator, list_aggregators
+from bilevel import BilevelStep, Constraint, UpperOutput, create_aggregator, graphs, list_aggregators
 from bilevel.registry import UnknownNameError
 
 DT = torch.float64
@@ -792,3 +792,123 @@ def test_bench_bilevel_smoke(capsys):
     assert "channels_last" in out.splitlines()[0]
     assert out.count("### profile of 1 iteration(s): ") == len(configs.split(","))
     assert "aten::convolution_backward" in out.split("### profile of 1 iteration(s): bi-level unrolled K=1")[1]
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_graph_signature_tells_what_a_capture_depends_on():
+    b = dict(make_batch(1), task="ivf", names=["a.png", "b.png"])
+    same = dict(make_batch(2), task="ivf", names=["c.png", "d.png"])   # other values and names: same graph
+    assert graphs.signature(b) == graphs.signature(same)
+    for other in (dict(b, task="mef"), dict(make_batch(1, size=8), task="ivf", names=b["names"]),
+                  dict(b, ir=b["ir"].float()), {k: v for k, v in b.items() if k != "mask"}):
+        assert graphs.signature(other) != graphs.signature(b)
+
+
+def test_graph_static_inputs_are_copies_refilled_in_place():
+    b = {"group": {"ir": torch.zeros(2, 3)}, "boxes": [torch.zeros(1, 4)], "names": ["x"]}
+    static = graphs.static_copy(b)
+    keep = static["group"]["ir"]
+    assert keep.data_ptr() != b["group"]["ir"].data_ptr()
+    assert static["names"] is b["names"] and static["boxes"] is b["boxes"]   # lists are no graph input
+    graphs.refill(static, {"group": {"ir": torch.full((2, 3), 7.0)}, "boxes": [], "names": ["y"]})
+    assert static["group"]["ir"] is keep and bool((keep == 7).all()) and static["names"] == ["x"]
+
+
+def test_cuda_graphs_are_ignored_on_the_cpu():
+    base = Setup(bn=True)
+    states = []
+    for cuda_graphs in (False, True):
+        s = base.clone()
+        step = s.step(hypergrad="gn", ul_every=3, cuda_graphs=cuda_graphs)
+        for _ in range(4):
+            step.step(BATCHES)
+        assert not step._graphs
+        states.append(_state(s))
+    _assert_states(states[0], states[1], rtol=0, atol=0)
+
+
+def _on_cuda(setup):
+    for m in setup.modules():
+        m.to("cuda")
+    setup.reset_optim()
+    return setup
+
+
+def _cuda_batches(n_iters: int):
+    """LL batches of two shapes (each seen often enough to be captured), UL batches fixed."""
+    to = lambda b: {k: v.to("cuda") for k, v in b.items()}
+    ul = {"upper": to(UL_C), "seg/ul": to(UL_S)}
+    return [dict(ul, ll=to(make_batch(10 + i, size=6 if i < 6 else 8))) for i in range(n_iters)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, amp", [(torch.float64, None), (torch.float32, torch.bfloat16)],
+                         ids=["float64", "bf16"])
+def test_cuda_graphs_take_the_same_steps(dtype, amp):
+    """Replayed lower-only iterations (two batch shapes, two inner steps for the segmenter, upper steps in
+    between) leave every parameter, buffer and loss where eager iterations do."""
+    base = _on_cuda(Setup(bn=True, dtype=dtype))
+    batches = [{k: {n: v.to(dtype) if v.is_floating_point() else v for n, v in b.items()} for k, b in it.items()}
+               for it in _cuda_batches(12)]
+    runs = []
+    for cuda_graphs in (False, True):
+        s = base.clone()
+        step = s.step(hypergrad="gn", ul_every=3, amp_dtype=amp, cuda_graphs=cuda_graphs)
+        step.constraints[1].lower_steps = 2
+        diags = [step.step(b) for b in batches]
+        runs.append((_state(s), diags, len(step._graphs)))
+    (eager, eager_diags, none), (graphed, graphed_diags, captured) = runs
+    assert none == 0 and captured == 2     # 6 px: 0 eager, 1 probed, 3 and 4 replayed; 8 px: 6, 7, 9 and 10
+    # The same arithmetic, but cuDNN may pick other kernels inside a capture: float64 round-off, bf16's
+    # rounding of different partial sums (3.5e-5 at most on an H200; an update is ~1e-2).
+    tol = {"rtol": 1e-12, "atol": 1e-14} if amp is None else {"rtol": 2e-2, "atol": 5e-4}
+    _assert_states(graphed, eager, **tol)
+    for a, b in zip(graphed_diags, eager_diags):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=tol["rtol"], abs=tol["atol"])
+
+
+@needs_cuda
+def test_cuda_graphs_stay_off_when_the_probe_finds_a_host_read():
+    """A lower loss that reads a value on the host cannot be captured: the probed first iteration finds it,
+    one warning, no capture is tried, the steps stay eager and the CUDA generator usable."""
+    base = _on_cuda(Setup(bn=True))
+    batches = _cuda_batches(4)
+    states = []
+    for cuda_graphs in (False, True):
+        s = base.clone()
+        step = s.step(hypergrad="gn", ul_every=10, cuda_graphs=cuda_graphs)
+        lower = step.constraints[0].lower_loss   # LL steps only (no upper step here): _bound is not used
+        step.constraints[0].lower_loss = lambda z, b, f=lower: f(z, b) * (1.0 if f(z, b).item() > -1e9 else 0.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches[:3]:
+                step.step(b)
+        ours = [str(w.message) for w in caught if str(w.message).startswith("cuda_graphs:")]
+        why = "it cannot be captured: a value read on the host (aten._local_scalar_dense)"
+        assert ours == ([f"cuda_graphs: the lower-only iteration stays eager, {why}"] if cuda_graphs else [])
+        assert not step.cuda_graphs and not step._graphs
+        states.append(_state(s))
+    _assert_states(states[1], states[0], rtol=0, atol=0)
+    torch.rand(2, device="cuda")
+
+
+@needs_cuda
+def test_nonfinite_replayed_iteration_changes_nothing():
+    s = _on_cuda(Setup(bn=True))
+    step = s.step(hypergrad="gn", ul_every=10, cuda_graphs=True)
+    batches = _cuda_batches(4)
+    for b in batches[:3]:
+        step.step(b)
+    assert len(step._graphs) == 1
+    before = _state(s)
+    bad = dict(batches[3], ll=dict(batches[3]["ll"], ir=torch.full_like(batches[3]["ll"]["ir"], float("nan"))))
+    diag = step.step(bad)
+    assert diag["nonfinite"] == 1.0
+    _assert_states(_state(s), before, rtol=0, atol=0)
+    assert step.step(batches[3])["nonfinite"] == 0.0

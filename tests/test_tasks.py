@@ -244,6 +244,22 @@ def test_seg_dice_component(batch):
     assert out["loss"].item() == pytest.approx(out["ce"].item() + 0.5 * out["dice"].item(), rel=1e-5)
 
 
+def test_seg_loss_ignores_labels_on_the_device(batch):
+    """Cross-entropy over the labelled pixels only; a batch with none gives 0 and zero gradients, not 0/0 —
+    decided without reading a value on the host (a CUDA graph can hold the step)."""
+    task = create_task("seg_tiny", class_weights=[1.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    fused = _fused(batch, 3).requires_grad_(True)
+    mask = batch["mask"].clone()
+    mask[:, :, : mask.shape[-1] // 2] = 255
+    logits = task(fused)
+    expected = torch.nn.functional.cross_entropy(logits, mask, weight=task.class_weights, ignore_index=255)
+    assert task.loss(fused, dict(batch, mask=mask))["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    none = task.loss(fused, dict(batch, mask=torch.full_like(mask, 255)))["loss"]
+    none.backward()
+    assert none.item() == 0.0 and bool((fused.grad == 0).all())
+    assert all(bool((p.grad == 0).all()) for p in task.parameters() if p.grad is not None)
+
+
 # ------------------------------------------------------------------ detection
 def test_torchvision_label_offset():
     """Labels 0..C−1 go in as 1..C (background 0) and come back as 0..C−1; background predictions are dropped."""
