@@ -162,7 +162,8 @@ def bdl_mfnet_seg() -> RunConfig:
     aggregation (``bdl_released``); switch to the corrected method with ``--set bilevel.hypergrad=gn
     --set bilevel.aggregate=gradnorm_softmax``. BDL's segmenter is not released; SegFormer MiT-B3 is our
     unverified guess (method.md §4). Needs ``--data-root`` pointing at MFNet; start from a fusion warm
-    start with ``--set net.init=PATH``. Evaluation: 9 classes, MFNet convention (docs/data.md).
+    start with ``--set net.init=PATH``. Evaluation: 9 classes, MFNet convention (docs/data.md). On a GPU the
+    nine lower-only iterations in ten are replayed as CUDA graphs (``train.cuda_graphs``; same updates).
     """
     ll = _bdl_ll_optim()
     return RunConfig(
@@ -175,7 +176,7 @@ def bdl_mfnet_seg() -> RunConfig:
                           seg=TaskConfig(kwargs={"arch": "Segformer", "encoder_name": "mit_b3"}, optim=ll)),
         bilevel=BilevelConfig(hypergrad="bdl_code", aggregate="bdl_released", ul_every=10),
         train=TrainConfig(iters=50_000, warmup_iters=0, batch=2, ul_batch=4, upper_optim=_bdl_ul_optim(),
-                          seed=0, deterministic=True, ckpt_every=1000),
+                          seed=0, deterministic=True, ckpt_every=1000, cuda_graphs=True),
         eval=EvalConfig(batch=1),
         log=LogConfig(log_every=50, image_every=1000),
     )

@@ -4,6 +4,8 @@ recording batch), and on a GPU the runner trains with it as it does without."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,14 +14,16 @@ from experiments.config import apply_overrides
 from experiments.experiment import build
 from experiments.presets import get_preset
 from fusion.nets import create_fusion_net
+from tests.test_presets import write_m3fd, write_mfnet
 
 
-def _experiment(device: str, cuda_graphs: bool, iters: int = 8):
-    cfg = get_preset("synthetic_seg")
-    return build(apply_overrides(cfg, [
-        f"train.iters={iters}", "train.warmup_iters=0", "bilevel.ul_every=2", "eval.enabled=False",
-        "eval.val_every=0", "log.image_every=0", "log.progress=False", f"train.device={device!r}",
-        "log.wandb='disabled'", f"train.cuda_graphs={cuda_graphs}", "data.length=32", "data.ul_length=16"]))
+def _experiment(device: str, cuda_graphs: bool, preset: str = "synthetic_seg", *extra: str):
+    overrides = ["train.iters=8", "train.warmup_iters=0", "eval.enabled=False", "eval.val_every=0",
+                 "log.image_every=0", "log.progress=False", f"train.device={device!r}", "log.wandb='disabled'",
+                 f"train.cuda_graphs={cuda_graphs}", *extra]
+    if preset == "synthetic_seg":
+        overrides += ["bilevel.ul_every=2", "data.length=32", "data.ul_length=16"]
+    return build(apply_overrides(get_preset(preset), overrides))
 
 
 def _probe(exp, batches) -> set[str]:
@@ -62,21 +66,30 @@ def test_capture_checks_can_fail():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_runner_trains_with_cuda_graphs():
-    """synthetic_seg with an upper step every 2 iterations: lower-only iterations 0 (plain) and 2 (probed)
-    run eagerly, 4 is captured and replayed, 6 replayed; every loss follows the eager run's."""
+@pytest.mark.parametrize("preset, fixture, captures", [
+    ("synthetic_seg", None, True),     # upper steps at 1, 3, 5, 7; lower-only 0 plain, 2 probed, 4 and 6 replayed
+    ("bdl_mfnet_seg", write_mfnet, True),   # real sizes: 384 px crops, batch 2, SegFormer MiT-B3
+    ("bdl_m3fd_det", write_m3fd, False),    # the detector's loss reads box lists and values on the host
+])
+def test_runner_trains_with_cuda_graphs(tmp_path, preset, fixture, captures):
+    """Through the runner's data and losses: every loss follows the eager run's; a preset whose lower step
+    cannot be captured warns once and trains eagerly."""
+    extra = [f"data.root={str(fixture(tmp_path / 'data'))!r}"] if fixture else []
     runs = []
     for cuda_graphs in (False, True):
-        exp = _experiment("cuda", cuda_graphs)
+        exp = _experiment("cuda", cuda_graphs, preset, *extra)
         diags = []
-        for i in range(8):
-            torch.manual_seed(i)
-            batches = exp.streams.next()
-            exp.train_mode()
-            diags.append(exp.step.step(batches))
-        runs.append((diags, len(exp.step._graphs), exp.step.cuda_graphs))
-    (eager, none, _), (graphed, captured, still_on) = runs
-    assert none == 0 and captured == 1 and still_on
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(8):
+                torch.manual_seed(i)
+                batches = exp.streams.next()
+                exp.train_mode()
+                diags.append(exp.step.step(batches))
+        ours = [w for w in caught if str(w.message).startswith("cuda_graphs:")]
+        runs.append((diags, len(exp.step._graphs), exp.step.cuda_graphs, len(ours)))
+    (eager, none, _, _), (graphed, captured, still_on, warned) = runs
+    assert none == 0 and (captured, still_on, warned) == ((1, True, 0) if captures else (0, False, 1))
     for a, b in zip(graphed, eager):
         assert a["nonfinite"] == b["nonfinite"] == 0.0
         for k in (k for k in a if k.startswith("loss/")):
