@@ -70,12 +70,11 @@ class Probe(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.reasons: set[str] = set()
+        self._unusable: set[str] = set()
 
     def wrap(self, batches: Mapping[str, Any], streams: list[str]) -> dict[str, Any]:
         """``batches`` with the streams' batches recording the entries read (see :class:`Recording`)."""
-        unusable: set[str] = set()
-        self._unusable = unusable
-        return {s: Recording(b, unusable, f"{s}:") if s in streams else b for s, b in batches.items()}
+        return {s: Recording(b, self._unusable, f"{s}:") if s in streams else b for s, b in batches.items()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
@@ -92,8 +91,7 @@ class Probe(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __exit__(self, *exc):
-        self.reasons.update(f"batch entry {k!r} read (not a tensor or plain scalar)"
-                            for k in getattr(self, "_unusable", ()))
+        self.reasons.update(f"batch entry {k!r} read (not a tensor or plain scalar)" for k in self._unusable)
         return super().__exit__(*exc)
 
 

@@ -63,6 +63,11 @@ def test_capture_checks_can_fail():
                              unusable)
     batch["ir"], batch["task"], batch["name"], batch["group"]["b"]
     assert unusable == {"name", "group.b"}
+    probe = graphs.Probe()
+    wrapped = probe.wrap({"ll": {"ir": torch.zeros(1), "boxes": [torch.zeros(1, 4)]}, "ul": {"x": [1]}}, ["ll"])
+    with probe:
+        wrapped["ll"]["ir"], wrapped["ll"]["boxes"], wrapped["ul"]["x"]
+    assert probe.reasons == {"batch entry 'll:boxes' read (not a tensor or plain scalar)"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
