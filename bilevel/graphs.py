@@ -10,10 +10,10 @@ eager (they need the host).
 A graph is captured for each *batch signature* (stream names, keys, tensor shapes and dtypes, and the
 batch's plain scalar values such as a task name) the third time it is seen, and replayed after copying the
 batch into its static inputs. The first sight runs eagerly (the warm-up that graphs need: lazy
-initialisations, cached constants), the second under a :class:`Probe`, which notes what no graph can hold — reading a tensor's value on the host (a
-mixture-of-experts gate choosing its experts), copying from pageable host memory, batch entries that are
-neither tensors nor plain scalars (file names, per-image box lists; the forwards may carry them as long as
-they do not read them). Anything noted, or a capture that fails all the same, warns once and the step stays
+initialisations, cached constants), the second under a :class:`Probe`, which notes what no graph can hold:
+reading a tensor's value on the host (a mixture-of-experts gate choosing its experts), copying from pageable
+host memory, batch entries that are neither tensors nor plain scalars (file names, per-image box lists; the
+forwards may carry them as long as they do not read them). Anything noted, or a capture that fails all the same, warns once and the step stays
 eager; a capture is not tried when the probe saw a reason, because a failed one can leave the CUDA random
 number generator in capture mode. What a replay cannot see: a parameter or buffer replaced by a new tensor
 (``module.to``; ``load_state_dict`` and the optimisers update in place).
@@ -78,17 +78,16 @@ class Probe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
+        kwargs = kwargs or {}
         if name in HOST_READS:
             self.reasons.add(f"a value read on the host (aten.{name})")
-        elif name in ("_to_copy", "copy_", "lift_fresh"):
-            src = args[1] if name == "copy_" else args[0]
-            dst_cuda = (args[0].is_cuda if name == "copy_" else
-                        torch.device((kwargs or {}).get("device") or src.device).type == "cuda")
-            if name == "lift_fresh" and src.dim() > 0:
-                self.reasons.add("a tensor made from Python data (a copy from the host)")
-            elif name != "lift_fresh" and dst_cuda and src.device.type == "cpu" and not src.is_pinned():
+        elif name == "lift_fresh" and args[0].dim() > 0:
+            self.reasons.add("a tensor made from Python data (a copy from the host)")
+        elif name in ("_to_copy", "copy_"):
+            src, dst = (args[1], args[0].device) if name == "copy_" else (args[0], kwargs.get("device"))
+            if torch.device(dst or src.device).type == "cuda" and src.device.type == "cpu" and not src.is_pinned():
                 self.reasons.add(f"a copy from pageable host memory (aten.{name})")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
     def __exit__(self, *exc):
         self.reasons.update(f"batch entry {k!r} read (not a tensor or plain scalar)" for k in self._unusable)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,15 +38,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def experiment(preset: str, iters: int, device: str, data_root: str | None = None) -> Experiment:
-    """``preset`` built for timing: ``iters`` bi-level iterations, no warm-up, evaluation, images or checkpoints."""
+def experiment(preset: str, iters: int, device: str, data_root: str | None = None,
+               overrides: Sequence[str] = ()) -> Experiment:
+    """``preset`` built for timing: ``iters`` bi-level iterations, no warm-up, evaluation, images or checkpoints
+    (``overrides``: further ``key=value`` settings)."""
     cfg = get_preset(preset)
-    overrides = [f"train.iters={2 * iters + 1}", "train.warmup_iters=0", "eval.enabled=False",
-                 "eval.val_every=0", "log.image_every=0", "log.progress=False", "train.ckpt_every=0",
-                 f"train.device={device!r}", "log.wandb='disabled'"]
+    settings = [f"train.iters={2 * iters + 1}", "train.warmup_iters=0", "eval.enabled=False",
+                "eval.val_every=0", "log.image_every=0", "log.progress=False", "train.ckpt_every=0",
+                f"train.device={device!r}", "log.wandb='disabled'"]
     if data_root is not None:
-        overrides.append(f"data.root={data_root!r}")
-    return build(apply_overrides(cfg, overrides))
+        settings.append(f"data.root={data_root!r}")
+    return build(apply_overrides(cfg, [*settings, *overrides]))
 
 
 def measure(exp: Experiment, iters: int) -> dict[str, float]:

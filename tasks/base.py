@@ -32,7 +32,8 @@ def _imagenet_constants(device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     capturing a step. Normal tensors even when first asked for under ``inference_mode`` (autograd saves
     ``std``)."""
     with torch.inference_mode(False), torch.no_grad():
-        return tuple(torch.tensor(v, dtype=dtype, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return tuple(torch.tensor(v, dtype=dtype, device=device).view(3, 1, 1)
+                     for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize_input(image: Tensor, mode: str) -> Tensor:

@@ -10,20 +10,17 @@ import pytest
 import torch
 
 from bilevel import graphs
-from experiments.config import apply_overrides
-from experiments.experiment import build
-from experiments.presets import get_preset
+from experiments.bench_train import experiment
 from fusion.nets import create_fusion_net
 from tests.test_presets import write_m3fd, write_mfnet
 
 
-def _experiment(device: str, cuda_graphs: bool, preset: str = "synthetic_seg", *extra: str):
-    overrides = ["train.iters=8", "train.warmup_iters=0", "eval.enabled=False", "eval.val_every=0",
-                 "log.image_every=0", "log.progress=False", f"train.device={device!r}", "log.wandb='disabled'",
-                 f"train.cuda_graphs={cuda_graphs}", *extra]
+def _experiment(device: str, cuda_graphs: bool, preset: str = "synthetic_seg", data_root: str | None = None):
+    """``preset`` without warm-up or evaluation, for the 8 iterations the tests step by hand."""
+    overrides = [f"train.cuda_graphs={cuda_graphs}"]
     if preset == "synthetic_seg":
         overrides += ["bilevel.ul_every=2", "data.length=32", "data.ul_length=16"]
-    return build(apply_overrides(get_preset(preset), overrides))
+    return experiment(preset, 4, device, data_root, overrides)
 
 
 def _probe(exp, batches) -> set[str]:
@@ -79,10 +76,10 @@ def test_capture_checks_can_fail():
 def test_runner_trains_with_cuda_graphs(tmp_path, preset, fixture, captures):
     """Through the runner's data and losses: every loss follows the eager run's; a preset whose lower step
     cannot be captured warns once and trains eagerly."""
-    extra = [f"data.root={str(fixture(tmp_path / 'data'))!r}"] if fixture else []
+    root = str(fixture(tmp_path / "data")) if fixture else None
     runs = []
     for cuda_graphs in (False, True):
-        exp = _experiment("cuda", cuda_graphs, preset, *extra)
+        exp = _experiment("cuda", cuda_graphs, preset, root)
         diags = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
