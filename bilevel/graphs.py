@@ -1,26 +1,30 @@
-"""CUDA graphs for the lower-only iterations of :class:`bilevel.BilevelStep` (``cuda_graphs=True``).
+"""CUDA graphs for :class:`bilevel.BilevelStep` (``cuda_graphs=True``): lower-only iterations and hypergradients.
 
 Under the BDL schedule nine iterations in ten are lower-only: one forward of the upper net and a forward and
 backward of every constraint, about a thousand small kernels at 256 px. On a GPU their launches, not the
 kernels, set the pace (profiled on an H200: 20 ms of kernels in 37 ms of wall time). A captured graph
 replays the whole forward and backward with one launch. The arithmetic is the same kernels on the same
 memory, so the updates do not change; the optimiser steps, the non-finite check and the DDP reduce stay
-eager (they need the host).
+eager (they need the host). The same holds for each constraint's image-space estimator in an upper step
+(``gn``: two constraint passes and a few dot products; ``unrolled``: K differentiated inner steps): a
+function of the fused images, the batches and the constraint's parameters, captured by :func:`capture_call`.
 
-A graph is captured for each *batch signature* (stream names, keys, tensor shapes and dtypes, and the
-batch's plain scalar values such as a task name) the third time it is seen, and replayed after copying the
-batch into its static inputs. The first sight runs eagerly (the warm-up that graphs need: lazy
-initialisations, cached constants), the second under a :class:`Probe`, which notes what no graph can hold:
-reading a tensor's value on the host (a mixture-of-experts gate choosing its experts), copying from pageable
-host memory, batch entries that are neither tensors nor plain scalars (file names, per-image box lists; the
-forwards may carry them as long as they do not read them). Anything noted, or a capture that fails all the same, warns once and the step stays
-eager; a capture is not tried when the probe saw a reason, because a failed one can leave the CUDA random
-number generator in capture mode. What a replay cannot see: a parameter or buffer replaced by a new tensor
-(``module.to``; ``load_state_dict`` and the optimisers update in place).
+A graph is captured for each *signature* (stream names, keys, tensor shapes and dtypes, and the batch's
+plain scalar values such as a task name; for an estimator also its options) the third time it is seen
+(:class:`Sightings`), and replayed after copying the inputs into its static buffers. The first sight runs
+eagerly (the warm-up that graphs need: lazy initialisations, cached constants), the second under a
+:class:`Probe`, which notes what no graph can hold: reading a tensor's value on the host (a
+mixture-of-experts gate choosing its experts), copying from pageable host memory, batch entries that are
+neither tensors nor plain scalars (file names, per-image box lists; the forwards may carry them as long as
+they do not read them). Anything noted, or a capture that fails all the same, warns once and that kind of
+work stays eager; a capture is not tried when the probe saw a reason, because a failed one can leave the
+CUDA random number generator in capture mode. What a replay cannot see: a parameter or buffer replaced by
+a new tensor (``module.to``; ``load_state_dict`` and the optimisers update in place).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,23 +53,79 @@ def signature(batch: Any) -> Any:
 def static_copy(batch: Any) -> Any:
     """The graph's input buffers: a copy of every tensor (same layout), everything else as it is."""
     if isinstance(batch, Tensor):
-        return batch.clone(memory_format=torch.preserve_format)
+        return batch.detach().clone(memory_format=torch.preserve_format)
     if isinstance(batch, Mapping):
         return {k: static_copy(v) for k, v in batch.items()}
     return batch
 
 
 def refill(static: Any, batch: Any) -> None:
-    """Copy a batch of the same signature into the static buffers."""
-    if isinstance(static, Tensor):
-        static.copy_(batch)
-    elif isinstance(static, Mapping):
-        for k, v in static.items():
-            refill(v, batch[k])
+    """Copy a batch of the same signature into the static buffers (one multi-tensor copy per device pair:
+    an estimator's inputs can hold a gradient per constraint parameter)."""
+    pairs: dict[tuple[torch.device, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+
+    def collect(s: Any, b: Any) -> None:
+        if isinstance(s, Tensor):
+            dst, src = pairs.setdefault((s.device, b.device), ([], []))
+            dst.append(s)
+            src.append(b.detach())
+        elif isinstance(s, Mapping):
+            for k, v in s.items():
+                collect(v, b[k])
+
+    collect(static, batch)
+    with torch.no_grad():
+        for dst, src in pairs.values():
+            torch._foreach_copy_(dst, src)
+
+
+class Sightings:
+    """One kind of captured work (``what``, for the warning) by signature, with the rule of when to capture.
+
+    :meth:`sight` says what to do with the work of a signature this time: ``"replay"`` (its captured graphs),
+    ``"plain"`` (eagerly: a first sight, too many signatures, graphs off), ``"probe"`` (eagerly, under the
+    returned :class:`Probe`) or ``"capture"`` (store the result with :meth:`add`, or call :meth:`off`).
+    """
+
+    def __init__(self, what: str, enabled: bool = True):
+        self.what, self.enabled = what, enabled
+        self.captured: dict[Any, Any] = {}
+        self._probes: dict[Any, Probe | None] = {}   # signature → its probe (None: seen once)
+
+    def sight(self, key: Any) -> tuple[str, Any]:
+        if not self.enabled:
+            return "plain", None
+        if key in self.captured:
+            return "replay", self.captured[key]
+        if key not in self._probes:
+            if len(self._probes) < MAX_GRAPHS:
+                self._probes[key] = None
+            return "plain", None
+        probe = self._probes[key]
+        if probe is None:
+            self._probes[key] = probe = Probe()
+            return "probe", probe
+        if probe.reasons:
+            self.off(f"it cannot be captured: {'; '.join(sorted(probe.reasons))}")
+            return "plain", None
+        return "capture", None
+
+    def add(self, key: Any, captured: Any) -> None:
+        self.captured[key] = captured
+
+    def off(self, why: str) -> None:
+        """Eager from now on, with one warning."""
+        self.enabled = False
+        self.captured.clear()
+        warnings.warn(f"cuda_graphs: {self.what} stays eager, {why}", RuntimeWarning, stacklevel=4)
+
+    def failed(self, err: Exception) -> None:
+        self.off(f"its capture failed ({type(err).__name__}: {err}); should CUDA random numbers fail from now "
+                 "on, run without cuda_graphs")
 
 
 class Probe(TorchDispatchMode):
-    """Runs an eager lower-only iteration and notes in :attr:`reasons` what a graph of it could not hold."""
+    """Runs eager work once and notes in :attr:`reasons` what a graph of it could not hold."""
 
     def __init__(self):
         super().__init__()
@@ -153,3 +213,27 @@ def capture(static: dict[str, Any], steps: list[Callable[[], Tensor]], params: l
         graphs.append(graph)
         grads.append([(p, p.grad) for p in ps if p.grad is not None])
     return Captured(static, graphs, losses, grads, shared)
+
+
+@dataclass
+class CapturedCall:
+    """``fn(static)`` captured once; calling it copies new inputs into ``static`` and replays the graph. Its
+    outputs are the same tensors every time, overwritten by the next call."""
+
+    static: Any
+    graph: torch.cuda.CUDAGraph
+    out: Any
+
+    def __call__(self, inputs: Any) -> Any:
+        refill(self.static, inputs)
+        self.graph.replay()
+        return self.out
+
+
+def capture_call(fn: Callable[[Any], Any], static: Any) -> CapturedCall:
+    """Capture ``fn(static)`` (forwards and backwards whose inputs are the tensors of ``static``) in a graph of
+    its own memory pool; nothing runs until the first call."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(static)
+    return CapturedCall(static, graph, out)

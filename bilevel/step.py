@@ -30,9 +30,11 @@ before that step, instead of a further forward and backward of the constraint at
 constraint pass less per constraint and upper step, with ∇_y F and ∇_y f one LL step apart. The LL step's
 forward runs in the constraint's training mode (``constraint_eval`` does not apply to it).
 
-``cuda_graphs=True`` (GPU only) replays steps 1–2 of lower-only iterations as captured CUDA graphs, one set per
-batch shape, after a plain and a probed eager iteration (``bilevel.graphs``): the same updates with one
-launch instead of hundreds; whatever the probe finds that a graph cannot hold keeps the step eager.
+``cuda_graphs=True`` (GPU only) replays steps 1–2 of lower-only iterations, and in step 3 each constraint's
+estimator on the images (image path), as captured CUDA graphs, one per batch shape (and estimator options),
+after a plain and a probed eager run (``bilevel.graphs``): the same updates with one launch instead of
+hundreds; whatever the probe finds that a graph cannot hold keeps that part eager. Estimators stay eager
+with ``reduce`` (a collective inside them).
 
 :meth:`BilevelStep.warmup` is the engine's warm-up phase: the same LL phase, then one upper update from the
 standalone row alone (its plain gradient, no hypergradients, no aggregator) through the same update code
@@ -91,7 +93,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,8 +314,9 @@ class BilevelStep:
             update from one backward pass through the upper net instead of K.
         reuse_lower_grads: ``gn``/``bdl_code`` on the image path take ∇f from the last LL step's backward (at
             the pre-step y) instead of a further constraint pass at the updated y (see module docstring).
-        cuda_graphs: replay the forwards and backwards of lower-only iterations as captured CUDA graphs
-            (``bilevel.graphs``; same updates, fewer launches). Ignored unless the upper net is on a GPU.
+        cuda_graphs: replay the forwards and backwards of lower-only iterations, and the image path's
+            estimators, as captured CUDA graphs (``bilevel.graphs``; same updates, fewer launches). Ignored
+            unless the upper net is on a GPU.
 
     Example:
         >>> seg = Constraint("seg", seg_net, seg_opt, seg_loss, seg_loss, ll_stream="train", ul_stream="val")
@@ -377,8 +379,10 @@ class BilevelStep:
         self.constraint_eval, self.reuse_lower_grads = constraint_eval, bool(reuse_lower_grads)
         self.row_stats = self.aggregator.uses_gramian if row_stats is None else bool(row_stats)
         self.cuda_graphs = bool(cuda_graphs)
-        self._graphs: dict[Any, graphs.Captured] = {}
-        self._probes: dict[Any, graphs.Probe | None] = {}   # signature → its probe (None: seen once)
+        self._lower_graphs = graphs.Sightings("the lower-only iteration", self.cuda_graphs)
+        # In-graph DDP collectives are not attempted: the estimators reduce y-space vectors inside.
+        self._estimator_graphs = graphs.Sightings("each constraint's hypergradient estimator",
+                                                  self.cuda_graphs and reduce is None)
         self.streams: dict[str, tuple[str, str]] = {
             c.name: (
                 f"{c.name}/ll" if c.ll_stream is None else c.ll_stream,
@@ -534,40 +538,29 @@ class BilevelStep:
     def _ll_streams(self) -> list[str]:
         return list(dict.fromkeys(self.streams[c.name][0] for c in self.constraints))
 
+    def _on_gpu(self) -> bool:
+        return next(self.upper.parameters()).device.type == "cuda"
+
     def _graph_for(self, batches: Mapping[str, Any]) -> tuple[graphs.Captured | None, graphs.Probe | None]:
         """For a lower-only iteration: its graphs, refilled with ``batches``, or a probe to run it eagerly
-        under. A signature's first sight runs plainly (lazy initialisations, cached constants), the second
-        under the probe, the third captures. (None, None): eager (graphs off or not on a GPU, a first sight,
-        too many signatures, a reason found, a failed capture)."""
-        if not self.cuda_graphs or next(self.upper.parameters()).device.type != "cuda":
+        under (see :class:`graphs.Sightings`). (None, None): eager."""
+        if not self._lower_graphs.enabled or not self._on_gpu():
             return None, None
         ll = self._ll_streams()
         key = tuple((s, graphs.signature(batches[s])) for s in ll)
-        captured = self._graphs.get(key)
-        if captured is None:
-            if key not in self._probes:
-                if len(self._probes) < graphs.MAX_GRAPHS:
-                    self._probes[key] = None
+        mode, found = self._lower_graphs.sight(key)
+        if mode == "probe":
+            return None, found
+        if mode == "capture":
+            found = self._capture({s: graphs.static_copy(batches[s]) for s in ll})
+            if found is None:
                 return None, None
-            probe = self._probes[key]
-            if probe is None:
-                self._probes[key] = probe = graphs.Probe()
-                return None, probe
-            if probe.reasons:
-                self._graphs_off(f"it cannot be captured: {'; '.join(sorted(probe.reasons))}")
-                return None, None
-            captured = self._capture({s: graphs.static_copy(batches[s]) for s in ll})
-            if captured is None:
-                return None, None
-            self._graphs[key] = captured
+            self._lower_graphs.add(key, found)
+        elif mode == "plain":
+            return None, None
         for s in ll:
-            graphs.refill(captured.static[s], batches[s])
-        return captured, None
-
-    def _graphs_off(self, why: str) -> None:
-        self.cuda_graphs = False
-        self._graphs.clear()
-        warnings.warn(f"cuda_graphs: the lower-only iteration stays eager, {why}", RuntimeWarning, stacklevel=3)
+            graphs.refill(found.static[s], batches[s])
+        return found, None
 
     def _capture(self, static: dict[str, Any]) -> graphs.Captured | None:
         steps, params = [], []
@@ -589,8 +582,7 @@ class BilevelStep:
         except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
             for c in self.constraints:
                 c.optimizer.zero_grad(set_to_none=True)
-            self._graphs_off(f"its capture failed ({type(err).__name__}: {err}); should CUDA random numbers "
-                             "fail from now on, run without cuda_graphs")
+            self._lower_graphs.failed(err)
             return None
 
     def _require(self, batches: Mapping[str, Any], *, ul: bool, upper_row: bool) -> None:
@@ -836,36 +828,18 @@ class BilevelStep:
         losses: list[Tensor] = []
         for c in self.constraints:
             ll_s, ul_s = self.streams[c.name]
-            ulb, llb = batches[ul_s], batches[ll_s]
             self._fused(cache, batches, ul_s)
             keys = [ul_s]
             if USES_LOWER_X[self.method] and ll_s not in keys:
                 keys.append(ll_s)
-            il = keys.index(ll_s) if ll_s in keys else 0
-            record: dict[str, Tensor] = {}
-
-            def upper(xs, ys, c=c, ulb=ulb, record=record):
-                record["loss"] = value = self._call(c, 1, ys, xs[0], ulb)
-                return value
-
-            if lower_grads is None:
-                def lower(xs, ys, c=c, llb=llb, il=il):
-                    return self._call(c, 0, ys, xs[il], llb)
-            else:
-                def lower(xs, ys, grads=lower_grads[c.name], il=il):
-                    gz, gys = grads
-                    return sum(((y * g).sum() for y, g in zip(ys, gys)), (xs[il] * gz).sum())
-
-            u = hypergrad(
-                self.method,
-                upper,
-                lower,
-                [_as_input(cache[k].value) for k in keys],
-                _trainable(c.module)[1],
-                **self._options(c),
-            )
+            inputs = {"images": {k: _as_input(cache[k].value) for k in keys},
+                      "batches": {s: batches[s] for s in (ul_s, ll_s)}}
+            if lower_grads is not None:
+                gz, gys = lower_grads[c.name]
+                inputs["lower_grads"] = {"z": gz, "y": dict(enumerate(gys))}
+            u, loss = self._estimate(c, inputs)
             u_rows.append(dict(zip(keys, u)))
-            losses.append(record["loss"].detach())
+            losses.append(loss)
         names = [c.name for c in self.constraints]
         aux: dict[str, Tensor] = {}
         aux_sum: Tensor | None = None  # Σ aux with its graph: enters the standalone row's VJP
@@ -886,6 +860,61 @@ class BilevelStep:
             names.append(_ROW)
 
         return _Cotangents(names, u_rows, losses, aux, aux_sum, _trainable(self.upper)[1])
+
+    def _estimate(self, c: Constraint, inputs: dict[str, Any]) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Constraint ``c``'s estimator on the images: u per image of ``inputs["images"]`` (in that order) and
+        its upper loss. On a GPU with ``cuda_graphs``, replayed from a graph per signature once captured."""
+        options = self._options(c)
+        ll_s, ul_s = self.streams[c.name]
+        params = _trainable(c.module)[1]
+
+        def run(inputs: dict[str, Any]) -> tuple[tuple[Tensor, ...], Tensor]:
+            record: dict[str, Tensor] = {}
+            ulb, llb = inputs["batches"][ul_s], inputs["batches"][ll_s]
+            images = list(inputs["images"].values())
+            il = list(inputs["images"]).index(ll_s) if ll_s in inputs["images"] else 0
+
+            def upper(xs, ys):
+                record["loss"] = value = self._call(c, 1, ys, xs[0], ulb)
+                return value
+
+            if "lower_grads" not in inputs:
+                def lower(xs, ys):
+                    return self._call(c, 0, ys, xs[il], llb)
+            else:
+                gz, gys = inputs["lower_grads"]["z"], list(inputs["lower_grads"]["y"].values())
+
+                def lower(xs, ys):
+                    return sum(((y * g).sum() for y, g in zip(ys, gys)), (xs[il] * gz).sum())
+
+            with self._autocast():   # again inside a capture: without autocast's cache there
+                u = hypergrad(self.method, upper, lower, images, params, **options)
+            return tuple(u), record["loss"].detach()
+
+        if not self._estimator_graphs.enabled or not self._on_gpu():
+            return run(inputs)
+        key = (c.name, c.module.training, graphs.signature(inputs), tuple(sorted(options.items())))
+        try:
+            hash(key)
+        except TypeError:   # an option no signature can hold (e.g. a list): this estimator stays eager
+            return run(inputs)
+        mode, found = self._estimator_graphs.sight(key)
+        if mode == "plain":
+            return run(inputs)
+        if mode == "probe":
+            with found:
+                return run(dict(inputs, batches=found.wrap(inputs["batches"], list(inputs["batches"]))))
+        if mode == "capture":
+            static = graphs.static_copy(inputs)
+            for z in static["images"].values():
+                z.requires_grad_(True)
+            try:
+                found = graphs.capture_call(run, static)
+            except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
+                self._estimator_graphs.failed(err)
+                return run(inputs)
+            self._estimator_graphs.add(key, found)
+        return found(inputs)
 
     def _vjp_rows(
         self, cache: dict[str, UpperOutput], u_rows: list[dict[str, Tensor]], aux_sum: Tensor | None,

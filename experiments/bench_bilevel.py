@@ -8,13 +8,15 @@ Times, side by side in one run on whatever device is present, BDL's DRDB fusion 
 * ``bilevel`` with ``gn`` on the image path (the fast path): an iteration with an upper update
   (``ul_every=1``) and a lower-only iteration; the BDL-schedule average is (9·lower-only + 1·full)/10;
   ``gn_lower_graphs``: the lower-only iteration replayed as CUDA graphs (``train.cuda_graphs``; eager on a
-  CPU), and the schedule's average with it;
+  CPU), and the schedule's average with it (with ``gn_graphs``' full iteration when that runs too);
   aggregation ``gradnorm_softmax`` (it reads the K parameter-space rows: one VJP per row), and ``gn_onevjp``
   with ``bdl_released`` weights, which ignore the rows (one VJP of the weighted sum); ``gn_reuse`` as
   ``gn_onevjp`` with ∇f taken from the LL step (``reuse_lower_grads``: one constraint pass less, a different
   estimate);
 * ``gn`` on the parameter path (exact rows, one pass per constraint: the "naive" implementation);
-* ``unrolled`` K = 1 and K = 3 on the image path.
+* ``unrolled`` K = 1 and K = 3 on the image path;
+* ``*_graphs``: the same with ``train.cuda_graphs``, which on a GPU replays each constraint's estimator from a
+  CUDA graph (from the third iteration on; the default ``--warmup`` covers that).
 
 Every configuration clips the upper gradient to norm 1. Per configuration it counts, per iteration, the
 lower-level optimiser updates, the upper updates and the fusion-net forwards (hooks), and reports the median
@@ -77,6 +79,16 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         "bilevel",
         {"hypergrad": "gn", "path": "param"},
     ),
+    "gn_graphs": (
+        "bi-level gn, image path, with UL update, CUDA graphs",
+        "bilevel",
+        {"hypergrad": "gn", "ul_every": 1, "cuda_graphs": True},
+    ),
+    "gn_reuse_graphs": (
+        "bi-level gn, bdl_released weights, reuse_lower_grads, with UL, CUDA graphs",
+        "bilevel",
+        {"hypergrad": "gn", "aggregate": "bdl_released", "reuse_lower_grads": True, "cuda_graphs": True},
+    ),
     "unrolled1": (
         "bi-level unrolled K=1, image path, with UL",
         "bilevel",
@@ -86,6 +98,16 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         "bi-level unrolled K=3, image path, with UL",
         "bilevel",
         {"hypergrad": "unrolled", "hypergrad_options": {"steps": 3}},
+    ),
+    "unrolled1_graphs": (
+        "bi-level unrolled K=1, image path, with UL, CUDA graphs",
+        "bilevel",
+        {"hypergrad": "unrolled", "hypergrad_options": {"steps": 1}, "cuda_graphs": True},
+    ),
+    "unrolled3_graphs": (
+        "bi-level unrolled K=3, image path, with UL, CUDA graphs",
+        "bilevel",
+        {"hypergrad": "unrolled", "hypergrad_options": {"steps": 3}, "cuda_graphs": True},
     ),
 }
 
@@ -301,9 +323,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     joint = results["joint (single-level)"]["time"]
     full = results["bi-level gn, image path, with UL update"]["time"]
-    schedules = {"": results["bi-level gn, lower-only iteration"]["time"]}
+    schedules = {"": (results["bi-level gn, lower-only iteration"]["time"], full)}
     if "gn_lower_graphs" in keys:
-        schedules[", lower-only as CUDA graphs"] = results[CONFIGS["gn_lower_graphs"][0]]["time"]
+        lower_graphs = results[CONFIGS["gn_lower_graphs"][0]]["time"]
+        if "gn_graphs" in keys:
+            schedules[", CUDA graphs"] = (lower_graphs, results[CONFIGS["gn_graphs"][0]]["time"])
+        else:
+            schedules[", lower-only as CUDA graphs"] = (lower_graphs, full)
 
     dev = (
         torch.cuda.get_device_name(device)
@@ -328,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {label} | {1e3 * r['time']:.1f} | {1e3 * r['min']:.1f} | {r['time'] / joint:.2f} | "
             f"{r['lower']:g} | {r['upper']:g} | {r['forwards']:g} | {peak} |"
         )
-    for what, lower_only in schedules.items():
-        bdl_avg = (9 * lower_only + full) / 10
+    for what, (lower_only, with_upper) in schedules.items():
+        bdl_avg = (9 * lower_only + with_upper) / 10
         print(f"| BDL schedule average (9 lower-only + 1 full) / 10{what} | {1e3 * bdl_avg:.1f} | | "
               f"{bdl_avg / joint:.2f} | 2 | 0.1 | | |")
     print()

@@ -308,7 +308,7 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False       # NHWC nets: cuDNN's bf16 convolutions then need no layout transposes
     cudnn_benchmark: bool = False     # cuDNN times its algorithms per input shape (fixed crops; not deterministic)
-    cuda_graphs: bool = False         # lower-only iterations replayed as CUDA graphs (GPU; same updates)
+    cuda_graphs: bool = False         # lower-only iterations, estimators replayed as CUDA graphs (GPU)
     max_nonfinite: int = 10           # stop after this many skipped non-finite steps
     ckpt_every: int = 0               # also write checkpoints/last.pt every N iterations (0 = end only)
     threads: int | None = None        # torch.set_num_threads (None = leave as is)

@@ -818,6 +818,22 @@ def test_graph_static_inputs_are_copies_refilled_in_place():
     assert static["group"]["ir"] is keep and bool((keep == 7).all()) and static["names"] == ["x"]
 
 
+def test_graph_sightings_capture_at_the_third_sight_of_a_signature():
+    seen = graphs.Sightings("the work")
+    assert [seen.sight("a")[0] for _ in range(3)] == ["plain", "probe", "capture"]
+    seen.add("a", "graph")
+    assert seen.sight("a") == ("replay", "graph")
+    for key in "bcd":                                   # MAX_GRAPHS signatures are followed, no more
+        seen.sight(key)
+    assert [seen.sight("e")[0] for _ in range(3)] == ["plain"] * 3
+    mode, probe = seen.sight("b")
+    assert mode == "probe"
+    probe.reasons.add("a value read on the host")
+    with pytest.warns(RuntimeWarning, match="^cuda_graphs: the work stays eager, it cannot be captured: a value"):
+        assert seen.sight("b") == ("plain", None)
+    assert not seen.enabled and not seen.captured and seen.sight("a") == ("plain", None)
+
+
 def test_cuda_graphs_are_ignored_on_the_cpu():
     base = Setup(bn=True)
     states = []
@@ -826,7 +842,7 @@ def test_cuda_graphs_are_ignored_on_the_cpu():
         step = s.step(hypergrad="gn", ul_every=3, cuda_graphs=cuda_graphs)
         for _ in range(4):
             step.step(BATCHES)
-        assert not step._graphs
+        assert not step._lower_graphs.captured and not step._estimator_graphs.captured
         states.append(_state(s))
     _assert_states(states[0], states[1], rtol=0, atol=0)
 
@@ -860,7 +876,7 @@ def test_cuda_graphs_take_the_same_steps(dtype, amp):
         step = s.step(hypergrad="gn", ul_every=3, amp_dtype=amp, cuda_graphs=cuda_graphs)
         step.constraints[1].lower_steps = 2
         diags = [step.step(b) for b in batches]
-        runs.append((_state(s), diags, len(step._graphs)))
+        runs.append((_state(s), diags, len(step._lower_graphs.captured)))
     (eager, eager_diags, none), (graphed, graphed_diags, captured) = runs
     assert none == 0 and captured == 2     # 6 px: 0 eager, 1 probed, 3 and 4 replayed; 8 px: 6, 7, 9 and 10
     # The same arithmetic, but cuDNN may pick other kernels inside a capture: float64 round-off, bf16's
@@ -892,7 +908,7 @@ def test_cuda_graphs_stay_off_when_the_probe_finds_a_host_read():
         ours = [str(w.message) for w in caught if str(w.message).startswith("cuda_graphs:")]
         why = "it cannot be captured: a value read on the host (aten._local_scalar_dense)"
         assert ours == ([f"cuda_graphs: the lower-only iteration stays eager, {why}"] if cuda_graphs else [])
-        assert not step.cuda_graphs and not step._graphs
+        assert not step._lower_graphs.enabled and not step._lower_graphs.captured
         states.append(_state(s))
     _assert_states(states[1], states[0], rtol=0, atol=0)
     torch.rand(2, device="cuda")
@@ -905,10 +921,58 @@ def test_nonfinite_replayed_iteration_changes_nothing():
     batches = _cuda_batches(4)
     for b in batches[:3]:
         step.step(b)
-    assert len(step._graphs) == 1
+    assert len(step._lower_graphs.captured) == 1
     before = _state(s)
     bad = dict(batches[3], ll=dict(batches[3]["ll"], ir=torch.full_like(batches[3]["ll"]["ir"], float("nan"))))
     diag = step.step(bad)
     assert diag["nonfinite"] == 1.0
     _assert_states(_state(s), before, rtol=0, atol=0)
     assert step.step(batches[3])["nonfinite"] == 0.0
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, amp", [(torch.float64, None), (torch.float32, torch.bfloat16)],
+                         ids=["float64", "bf16"])
+@pytest.mark.parametrize("method, kw", [("gn", {}), ("gn", {"reuse_lower_grads": True}),
+                                        ("unrolled", {"hypergrad_options": {"steps": 2}})],
+                         ids=["gn", "gn_reuse", "unrolled2"])
+def test_cuda_graphs_replay_the_estimators(dtype, amp, method, kw):
+    """An upper step every iteration: each constraint's estimator is replayed from its graph from the third
+    iteration on (first plain, second probed), and every step lands where the eager one does."""
+    base = _on_cuda(Setup(bn=True, dtype=dtype))
+    batches = [{k: {n: v.to(dtype) if v.is_floating_point() else v for n, v in b.items()} for k, b in it.items()}
+               for it in _cuda_batches(5)]
+    runs = []
+    for cuda_graphs in (False, True):
+        s = base.clone()
+        step = s.step(hypergrad=method, ul_every=1, amp_dtype=amp, cuda_graphs=cuda_graphs, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            diags = [step.step(b) for b in batches]
+        assert not [w for w in caught if str(w.message).startswith("cuda_graphs:")]
+        runs.append((_state(s), diags, len(step._estimator_graphs.captured)))
+    (eager, eager_diags, none), (graphed, graphed_diags, captured) = runs
+    assert none == 0 and captured == 2   # one graph per constraint
+    tol = {"rtol": 1e-12, "atol": 1e-14} if amp is None else {"rtol": 2e-2, "atol": 5e-4}
+    _assert_states(graphed, eager, **tol)
+    for a, b in zip(graphed_diags, eager_diags):
+        assert a.keys() == b.keys() and a["upper_step"] == 1.0
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=tol["rtol"], abs=tol["atol"])
+
+
+@needs_cuda
+def test_estimator_graphs_stay_off_when_the_probe_finds_a_host_read():
+    s = _on_cuda(Setup(bn=True))
+    step = s.step(hypergrad="gn", ul_every=1, cuda_graphs=True)
+    upper = step._bound["seg"][1].fn
+    step._bound["seg"][1].fn = lambda z, b, f=upper: f(z, b) * (1.0 if f(z, b).item() > -1e9 else 0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in _cuda_batches(4):
+            assert step.step(b)["upper_step"] == 1.0
+    ours = [str(w.message) for w in caught if str(w.message).startswith("cuda_graphs:")]
+    why = "it cannot be captured: a value read on the host (aten._local_scalar_dense)"
+    assert ours == [f"cuda_graphs: each constraint's hypergradient estimator stays eager, {why}"]
+    assert not step._estimator_graphs.enabled and not step._estimator_graphs.captured
+    torch.rand(2, device="cuda")

@@ -45,6 +45,21 @@ def test_main_job_lower_iteration_can_be_captured():
     assert any(isinstance(v, list) for b in batches.values() for v in b.values())   # names, boxes: not read
 
 
+def test_main_job_estimator_can_be_captured(monkeypatch):
+    """The main job's upper step: its estimators (``gn`` on each constraint) are probed at the second upper
+    step (the CPU standing in for a GPU) and nothing is found that a graph could not hold."""
+    exp = _experiment("cpu", cuda_graphs=True)
+    monkeypatch.setattr(type(exp.step), "_on_gpu", lambda self: True)
+    exp.step._lower_graphs.enabled = False
+    for _ in range(4):                        # upper steps at iterations 1 and 3
+        batches = exp.streams.next()
+        exp.train_mode()
+        assert exp.step.step(batches)["nonfinite"] == 0.0
+    probes = list(exp.step._estimator_graphs._probes.values())
+    assert len(probes) == len(exp.step.constraints) >= 1
+    assert all(p is not None and p.reasons == set() for p in probes)
+
+
 def test_capture_checks_can_fail():
     """Negative controls: a mixture-of-experts gate reads its choice on the host; constants made from Python
     data; a loss reading a list."""
@@ -69,7 +84,9 @@ def test_capture_checks_can_fail():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("preset, fixture, captures", [
-    ("synthetic_seg", None, True),     # upper steps at 1, 3, 5, 7; lower-only 0 plain, 2 probed, 4 and 6 replayed
+    # upper steps at 1, 3, 5, 7 (estimator: plain, probed, captured, replayed); lower-only 0 plain, 2 probed,
+    # 4 and 6 replayed
+    ("synthetic_seg", None, True),
     ("bdl_mfnet_seg", write_mfnet, True),   # real sizes: 384 px crops, batch 2, SegFormer MiT-B3
     ("bdl_m3fd_det", write_m3fd, False),    # the detector's loss reads box lists and values on the host
 ])
@@ -89,9 +106,12 @@ def test_runner_trains_with_cuda_graphs(tmp_path, preset, fixture, captures):
                 exp.train_mode()
                 diags.append(exp.step.step(batches))
         ours = [w for w in caught if str(w.message).startswith("cuda_graphs:")]
-        runs.append((diags, len(exp.step._graphs), exp.step.cuda_graphs, len(ours)))
-    (eager, none, _, _), (graphed, captured, still_on, warned) = runs
+        lower, estimators = exp.step._lower_graphs, exp.step._estimator_graphs
+        runs.append((diags, len(lower.captured), lower.enabled, len(ours), len(estimators.captured)))
+    (eager, none, _, _, _), (graphed, captured, still_on, warned, estimators) = runs
     assert none == 0 and (captured, still_on, warned) == ((1, True, 0) if captures else (0, False, 1))
+    # one estimator graph per constraint; the other presets' first upper step is the 10th
+    assert estimators == (len(exp.step.constraints) if preset == "synthetic_seg" else 0)
     for a, b in zip(graphed, eager):
         assert a["nonfinite"] == b["nonfinite"] == 0.0
         for k in (k for k in a if k.startswith("loss/")):
