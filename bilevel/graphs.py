@@ -84,7 +84,7 @@ class Sightings:
 
     :meth:`sight` says what to do with the work of a signature this time: ``"replay"`` (its captured graphs),
     ``"plain"`` (eagerly: a first sight, too many signatures, graphs off), ``"probe"`` (eagerly, under the
-    returned :class:`Probe`) or ``"capture"`` (store the result with :meth:`add`, or call :meth:`off`).
+    returned :class:`Probe`) or ``"capture"``; :meth:`lookup` acts on it.
     """
 
     def __init__(self, what: str, enabled: bool = True):
@@ -110,18 +110,25 @@ class Sightings:
             return "plain", None
         return "capture", None
 
-    def add(self, key: Any, captured: Any) -> None:
-        self.captured[key] = captured
+    def lookup(self, key: Any, build: Callable[[], Any]) -> tuple[Any, Probe | None]:
+        """(graphs to replay, None), (None, a probe to run the work eagerly under) or (None, None): eagerly.
+        When due, ``build()`` captures the graphs; should it raise, a warning and eager from then on."""
+        mode, found = self.sight(key)
+        if mode == "capture":
+            try:
+                found = self.captured[key] = build()
+            except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
+                self.off(f"its capture failed ({type(err).__name__}: {err}); should CUDA random numbers fail "
+                         "from now on, run without cuda_graphs")
+                return None, None
+            return found, None
+        return (found, None) if mode == "replay" else (None, found)
 
     def off(self, why: str) -> None:
         """Eager from now on, with one warning."""
         self.enabled = False
         self.captured.clear()
         warnings.warn(f"cuda_graphs: {self.what} stays eager, {why}", RuntimeWarning, stacklevel=4)
-
-    def failed(self, err: Exception) -> None:
-        self.off(f"its capture failed ({type(err).__name__}: {err}); should CUDA random numbers fail from now "
-                 "on, run without cuda_graphs")
 
 
 class Probe(TorchDispatchMode):

@@ -548,21 +548,14 @@ class BilevelStep:
             return None, None
         ll = self._ll_streams()
         key = tuple((s, graphs.signature(batches[s])) for s in ll)
-        mode, found = self._lower_graphs.sight(key)
-        if mode == "probe":
-            return None, found
-        if mode == "capture":
-            found = self._capture({s: graphs.static_copy(batches[s]) for s in ll})
-            if found is None:
-                return None, None
-            self._lower_graphs.add(key, found)
-        elif mode == "plain":
-            return None, None
-        for s in ll:
-            graphs.refill(found.static[s], batches[s])
-        return found, None
+        found, probe = self._lower_graphs.lookup(key, lambda: self._capture(batches, ll))
+        if found is not None:
+            for s in ll:
+                graphs.refill(found.static[s], batches[s])
+        return found, probe
 
-    def _capture(self, static: dict[str, Any]) -> graphs.Captured | None:
+    def _capture(self, batches: Mapping[str, Any], streams: list[str]) -> graphs.Captured:
+        static = {s: graphs.static_copy(batches[s]) for s in streams}
         steps, params = [], []
         cache: dict[str, UpperOutput] = {}
         for s in range(max((c.lower_steps for c in self.constraints), default=0)):
@@ -579,11 +572,10 @@ class BilevelStep:
             params.append([p for c in active for p in c.module.parameters()])
         try:
             return graphs.capture(static, steps, params, shared=cache)
-        except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
-            for c in self.constraints:
+        except Exception:
+            for c in self.constraints:   # no half-written gradients left for the eager step
                 c.optimizer.zero_grad(set_to_none=True)
-            self._lower_graphs.failed(err)
-            return None
+            raise
 
     def _require(self, batches: Mapping[str, Any], *, ul: bool, upper_row: bool) -> None:
         """KeyError naming every missing stream and who needs it."""
@@ -898,23 +890,20 @@ class BilevelStep:
             hash(key)
         except TypeError:   # an option no signature can hold (e.g. a list): this estimator stays eager
             return run(inputs)
-        mode, found = self._estimator_graphs.sight(key)
-        if mode == "plain":
-            return run(inputs)
-        if mode == "probe":
-            with found:
-                return run(dict(inputs, batches=found.wrap(inputs["batches"], list(inputs["batches"]))))
-        if mode == "capture":
+
+        def capture() -> graphs.CapturedCall:
             static = graphs.static_copy(inputs)
             for z in static["images"].values():
                 z.requires_grad_(True)
-            try:
-                found = graphs.capture_call(run, static)
-            except Exception as err:  # noqa: BLE001 — any failure of the capture means: stay eager
-                self._estimator_graphs.failed(err)
-                return run(inputs)
-            self._estimator_graphs.add(key, found)
-        return found(inputs)
+            return graphs.capture_call(run, static)
+
+        found, probe = self._estimator_graphs.lookup(key, capture)
+        if found is not None:
+            return found(inputs)
+        if probe is not None:
+            with probe:
+                return run(dict(inputs, batches=probe.wrap(inputs["batches"], list(inputs["batches"]))))
+        return run(inputs)
 
     def _vjp_rows(
         self, cache: dict[str, UpperOutput], u_rows: list[dict[str, Tensor]], aux_sum: Tensor | None,

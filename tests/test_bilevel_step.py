@@ -821,7 +821,7 @@ def test_graph_static_inputs_are_copies_refilled_in_place():
 def test_graph_sightings_capture_at_the_third_sight_of_a_signature():
     seen = graphs.Sightings("the work")
     assert [seen.sight("a")[0] for _ in range(3)] == ["plain", "probe", "capture"]
-    seen.add("a", "graph")
+    assert seen.lookup("a", lambda: "graph") == ("graph", None)
     assert seen.sight("a") == ("replay", "graph")
     for key in "bcd":                                   # MAX_GRAPHS signatures are followed, no more
         seen.sight(key)
