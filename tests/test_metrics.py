@@ -333,6 +333,18 @@ def test_separable_filter_matches_2d_correlation(step):
             assert got[i, c].numpy() == pytest.approx(ref, rel=1e-12, abs=1e-10)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 9, 17])
+@pytest.mark.parametrize("width", [40, 41])
+def test_decimating_filter_is_the_full_filter_subsampled_to_the_bit(n, width):
+    """Filter-and-decimate (the horizontal taps read the column phases) sums the same products in the same
+    order as the full 'valid' filter, so its outputs are the full filter's even rows and columns exactly."""
+    from fusion.metrics._utils import gaussian_1d, separable_filter
+
+    x = torch.rand(2, 3, 37, width, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 255
+    k = gaussian_1d(n, n / 5)
+    assert torch.equal(separable_filter(x, k, step=2), separable_filter(x, k, step=1)[..., ::2, ::2])
+
+
 @pytest.mark.parametrize("n", [3, 4, 9, 17])
 def test_banded_filter_matches_shift_and_add(n):
     """The GPU float64 path (products with banded matrices) gives the shift-and-add's 'valid' outputs for

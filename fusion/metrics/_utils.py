@@ -106,8 +106,10 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
     Keeps every ``step``-th output row and column (``step=2``: filter-and-decimate computes only the kept
     outputs). Round-off is local to each window, as in MATLAB's ``filter2`` (FFT round-off scales with the
     whole image). On CPU it filters one plane at a time so that each stays in cache: in float64 this is
-    ~3× faster than both the FFT and PyTorch's depthwise convolution. Float64 on the GPUs of
-    :func:`fast_float64_matmul` goes through :func:`banded_filter`.
+    ~3× faster than both the FFT and PyTorch's depthwise convolution. With ``step > 1`` the vertically
+    filtered plane is first split into its ``step`` column phases, so that every horizontal tap adds a
+    contiguous run instead of a strided one (the same sums in the same order, 1.3–1.7× faster on CPU).
+    Float64 on the GPUs of :func:`fast_float64_matmul` goes through :func:`banded_filter`.
     """
     if x.dtype == torch.float64 and fast_float64_matmul(x.device):
         return banded_filter(x, k1d, step)
@@ -115,7 +117,7 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
     n = len(taps)
     h, w = x.shape[-2:]
     ho, wo = (h - n) // step + 1, (w - n) // step + 1
-    span_h, span_w = step * (ho - 1) + 1, step * (wo - 1) + 1
+    span_h = step * (ho - 1) + 1
     planes = x.reshape(-1, h, w)
     out = torch.empty(planes.shape[0], ho, wo, dtype=x.dtype, device=x.device)
     pairs = zip(out.unbind(0), planes.unbind(0)) if x.device.type == "cpu" else [(out, planes)]
@@ -124,9 +126,12 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
         cols = torch.mul(src[..., 0:span_h:step, :], taps[0], out=cols)
         for i in range(1, n):
             cols.add_(src[..., i : i + span_h : step, :], alpha=taps[i])
-        torch.mul(cols[..., 0:span_w:step], taps[0], out=dst)
+        # tap i reads column j·step + i, i.e. column j + i // step of phase i % step
+        phases = [cols] if step == 1 else [cols[..., p::step].contiguous() for p in range(step)]
+        torch.mul(phases[0][..., 0:wo], taps[0], out=dst)
         for i in range(1, n):
-            dst.add_(cols[..., i : i + span_w : step], alpha=taps[i])
+            first = i // step
+            dst.add_(phases[i % step][..., first : first + wo], alpha=taps[i])
     return out.reshape(*x.shape[:-2], ho, wo)
 
 
