@@ -139,7 +139,7 @@ def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bo
     warmup = ["--set", "train.warmup_iters=1"] if cfg.train.warmup_iters else []
     reaches_upper = cfg.bilevel.ul_every <= 2 or upper_step
     schedule = ["--set", "bilevel.ul_every=1"] if reaches_upper else []
-    iters = (1 if warmup else 0) + 1 if reaches_upper else 2
+    iters = (2 if warmup else 1) if reaches_upper else 2   # [warm-up,] the upper step; or two LL iterations
     result = run.main(["--preset", preset, "--iters", str(iters), *warmup, *schedule, "--out", str(tmp_path / "runs"),
                        "--wandb", "disabled", "--device", "cpu", "--set", "log.progress=False", *extra])
     exp = result.experiment

@@ -108,7 +108,8 @@ def separable_filter(x: Tensor, k1d: Tensor, step: int = 1) -> Tensor:
     whole image). On CPU it filters one plane at a time so that each stays in cache: in float64 this is
     ~3× faster than both the FFT and PyTorch's depthwise convolution. With ``step > 1`` the vertically
     filtered plane is first split into its ``step`` column phases, so that every horizontal tap adds a
-    contiguous run instead of a strided one (the same sums in the same order, 1.3–1.7× faster on CPU).
+    contiguous run instead of a strided one (the same sums in the same order; a 17-tap 480×640 plane
+    1.2–1.3× faster on CPU, planes of ~100 px about even).
     Float64 on the GPUs of :func:`fast_float64_matmul` goes through :func:`banded_filter`.
     """
     if x.dtype == torch.float64 and fast_float64_matmul(x.device):
