@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from experiments.cli import retain_freed_memory
+from experiments.cli import huge_pages_for_tensors, retain_freed_memory
 
 SECTIONS = ("metrics", "bilevel", "nets", "train", "infer")
 
@@ -34,4 +34,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     retain_freed_memory()   # as run.py does: the benchmarks time what a run gets
+    huge_pages_for_tensors()
     main()

@@ -2,8 +2,8 @@
 
 argparse prints its usage and then ``prog: error: message``; the toolkit's rule (README, reliability) is a single
 line that starts with ``error:`` and names the flag, before any work. The argument types below refuse bad
-numbers the same way, at parse time. :func:`retain_freed_memory` is the process setting that the training and
-benchmark commands make at start-up.
+numbers the same way, at parse time. :func:`retain_freed_memory` and :func:`huge_pages_for_tensors` are the
+process settings that the training and benchmark commands make at start-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from experiments.config import ConfigError
 __all__ = [
     "ArgumentParser",
     "device_name",
+    "huge_pages_for_tensors",
     "image_size",
+    "native_bf16",
     "non_negative_int",
     "positive_int",
     "resolve_device",
@@ -79,6 +81,17 @@ def resolve_device(name: str, local_rank: int = 0, *, what: str = "train.device"
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 convolutions and matrix products in hardware-backed kernels: GPUs with
+    bf16 (Ampere and newer), and CPUs where oneDNN has bf16 kernels (AVX-512 and newer). On other CPUs (AVX2
+    only) PyTorch falls back to scalar bf16 loops, 7-25x slower than float32 (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return True
+
+
 def device_name(text: str) -> str:
     """Argument type of ``--device``: checked as :func:`resolve_device` checks it, kept as written."""
     try:
@@ -111,3 +124,20 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 25
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def huge_pages_for_tensors() -> bool:
+    """Ask PyTorch to back CPU tensors of 2 MB and more with transparent huge pages (``THP_MEM_ALLOC_ENABLE``,
+    read at the process's first large allocation, so entry points call this before building anything).
+    Returns whether the variable is now set by this call.
+
+    Why: blocks above glibc's 32 MiB ceiling (a batch of 16 × 64 channels × 192² is 151 MB) are mmapped and
+    returned to the kernel when freed, and each reuse faults them in again page by page. On the 2-core machine
+    of BENCHMARKS.md that was 358 s of system time in a 450 s run of ``bdl_roadscene_seg``'s upper step in
+    float32; 2 MB pages take 512 times fewer faults. A value the user set is left alone; where the kernel
+    offers no huge pages, PyTorch's allocator only aligns the blocks.
+    """
+    if "THP_MEM_ALLOC_ENABLE" in os.environ:
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True

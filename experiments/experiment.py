@@ -8,6 +8,7 @@ see and the net's auxiliary losses (mixture-of-experts balance terms), weighted 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from bilevel.aggregate import create_aggregator, list_aggregators
 from bilevel.estimators import check_hypergrad_options, list_hypergrads
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import FORMAT, load_checkpoint, load_weights, rng_state, set_rng_state
-from experiments.cli import resolve_device
+from experiments.cli import native_bf16, resolve_device
 from experiments.config import ConfigError, RunConfig, to_dict
 from experiments.data import (
     GROUP_KEY,
@@ -52,6 +53,8 @@ from tasks.critic import CriticTask
 from tasks.det import DetTask
 from tasks.registry import create_task, list_tasks
 from tasks.seg import SegTask
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Experiment", "build", "check_names", "resolve_device", "task_loss_name"]
 
@@ -116,6 +119,7 @@ class Experiment:
     best_val: float = math.inf
     untrained: tuple[str, ...] = ()   # constraints whose weights an inference-only checkpoint did not hold
     task_losses: dict[str, nn.Module] = field(default_factory=dict)   # fusion task → its loss (loss_fn: primary's)
+    amp_dtype: torch.dtype | None = None      # what training autocasts to (:func:`training_amp`)
 
     # -- the maps every level shares
     def forward(self, net: nn.Module, batch: Mapping[str, Any]) -> UpperOutput:
@@ -195,9 +199,9 @@ class Experiment:
             return fuse_batch(self.net, batch["ir"], batch["vis"], **self.net_inputs(self.net, batch, labels=False))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.amp != "bf16":
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_mode(self) -> None:
         self.net.train()
@@ -289,6 +293,24 @@ def _configured(key: str):
     except (TypeError, ValueError, KeyError) as err:
         text = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ConfigError(f"{key}: {text}") from err
+
+
+def training_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training: ``train.amp``, except where the device would only emulate it.
+
+    The bf16 presets are sized for GPUs; on a CPU without oneDNN's bf16 kernels (AVX2 only) every bf16
+    convolution and matrix product runs in a scalar loop, 7-25x slower than float32, so such a run trains
+    in float32 and says so once. Activations then take twice the memory of bf16.
+    """
+    if amp != "bf16":
+        return None
+    if not native_bf16(device):
+        where = "this CPU" if device.type == "cpu" else f"device {device}"
+        logger.warning("train.amp='bf16': %s has no native bf16 (bf16 would run 7-25x slower than float32 "
+                       "there); training in float32, with twice bf16's activation memory (nets with "
+                       "net.kwargs.grad_checkpointing can trade it for recomputation)", where)
+        return None
+    return torch.bfloat16
 
 
 def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0, start_step: int = 0,
@@ -386,7 +408,7 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
     exp = Experiment(cfg=cfg, device=device, net=net, loss_fn=loss_fn, tasks=tasks, upper_optim=upper_optim,
                      upper_sched=upper_sched, lower_optims=lower_optims, lower_scheds=lower_scheds,
                      streams=streams, test_sets=test_sets, val_set=val_set, specs=specs, world=world, rank=rank,
-                     task_losses=task_losses)
+                     task_losses=task_losses, amp_dtype=training_amp(cfg.train.amp, device))
     constraints = [
         Constraint(name=k, module=t, optimizer=lower_optims[k],
                    lower_loss=(lambda z, b, t=t: t.lower_loss(z, b)["loss"]),
@@ -403,6 +425,6 @@ def build(cfg: RunConfig, *, rank: int = 0, world: int = 1, local_rank: int = 0,
         ul_every=cfg.bilevel.ul_every, path=cfg.bilevel.path, row_stats=cfg.bilevel.row_stats,
         reuse_lower_grads=cfg.bilevel.reuse_lower_grads,
         cuda_graphs=cfg.train.cuda_graphs,
-        amp_dtype=torch.bfloat16 if cfg.train.amp == "bf16" else None,
+        amp_dtype=exp.amp_dtype,
         grad_clip=cfg.bilevel.grad_clip, reduce=reduce, upper_scheduler=upper_sched)
     return exp

@@ -33,7 +33,7 @@ import torch
 
 from bilevel.registry import UnknownNameError
 from experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from experiments.cli import ArgumentParser, retain_freed_memory
+from experiments.cli import ArgumentParser, huge_pages_for_tensors, retain_freed_memory
 from experiments.config import (
     TASK_CHOICES,
     ConfigError,
@@ -376,4 +376,5 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     retain_freed_memory()
+    huge_pages_for_tensors()
     sys.exit(cli())

@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.cli import huge_pages_for_tensors, retain_freed_memory
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUSION_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The test process is an entry point too: its real-size runs get the allocator settings that run.py gives them.
+retain_freed_memory()
+huge_pages_for_tensors()
 
 
 def shared_data_dir(*parts: str) -> Path:

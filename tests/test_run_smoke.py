@@ -247,6 +247,35 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch) -> None:
     assert all(torch.equal(initial[k], v) for k, v in ckpt["model"].items())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_falls_back_to_float32_where_it_would_be_emulated(tmp_path, monkeypatch, caplog, native):
+    """``train.amp=bf16`` autocasts where the device computes bf16 natively; elsewhere (an AVX2-only CPU:
+    scalar bf16 loops, 7-25x slower than float32) the run trains in float32, says so once, and keeps
+    ``bf16`` in its saved config (a checkpoint resumed on a GPU autocasts again)."""
+    from experiments import experiment
+
+    monkeypatch.setattr(experiment, "native_bf16", lambda device: native)
+    autocast = []   # whether each training forward of the fusion net ran under bf16 autocast
+    forward = experiment.Experiment.forward
+
+    def recording(self, net, batch):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, net, batch)
+
+    monkeypatch.setattr(experiment.Experiment, "forward", recording)
+    result = run.main(["--task", "seg", "--smoke", "--wandb", "disabled", "--set", "train.amp='bf16'",
+                       "--set", "train.iters=2", "--out", str(tmp_path)])
+    exp = result.experiment
+    assert exp.cfg.train.amp == "bf16" and exp.step.amp_dtype == exp.amp_dtype
+    warnings = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    if native:
+        assert exp.amp_dtype == torch.bfloat16 and not warnings
+    else:
+        assert exp.amp_dtype is None and len(warnings) == 1
+    assert autocast and set(autocast) == {native}
+    assert all(math.isfinite(v) for v in result.metrics.values())
+
+
 def test_output_folder_problems_get_clear_messages(tmp_path, monkeypatch, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -291,6 +320,7 @@ def test_retain_freed_memory_stops_the_page_faults_of_reallocated_blocks() -> No
     with the call only the heap's growth (about 24,000), with the call under a user's MALLOC_* variable as
     with the defaults (left alone: the call reports False)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["THP_MEM_ALLOC_ENABLE"] = "0"   # glibc's setting alone (huge pages are the next test's)
 
     def faults(mode: str, **extra: str) -> tuple[str, int]:
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env={**env, **extra}, capture_output=True,
@@ -304,6 +334,45 @@ def test_retain_freed_memory_stops_the_page_faults_of_reallocated_blocks() -> No
     assert kept == "True" and 4 * retained < default, (retained, default)
     kept, user = faults("call", MALLOC_ARENA_MAX="2")
     assert kept == "False" and 4 * retained < user, (retained, user)
+
+
+_LARGE_FAULTS = """
+import resource, sys, torch
+from experiments.cli import huge_pages_for_tensors
+asked = huge_pages_for_tensors() if sys.argv[1] == "call" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):  # 64 MB: above glibc's 32 MiB ceiling, mmapped and unmapped every time
+    block = torch.ones(16 << 20)
+    del block
+print(asked, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _transparent_huge_pages() -> bool:
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _transparent_huge_pages(), reason="the kernel offers no transparent huge pages")
+def test_huge_pages_for_tensors_cut_the_page_faults_of_large_blocks() -> None:
+    """Fresh processes: five 64 MB tensors allocated and freed in turn fault in every 4 KB page (about 82,000
+    faults) by default, and a few hundred with 2 MB pages; a value the user set is left alone."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def faults(mode: str, **extra: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _LARGE_FAULTS, mode], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        asked, count = out.stdout.split()
+        return asked, int(count)
+
+    asked, default = faults("skip")
+    assert asked == "None" and default > 5 * (64 << 20) // 4096 * 0.9, default
+    asked, huge = faults("call")
+    assert asked == "True" and 20 * huge < default, (huge, default)
+    asked, user = faults("call", THP_MEM_ALLOC_ENABLE="0")
+    assert asked == "False" and 20 * huge < user, (huge, user)
 
 
 def test_train_benchmark_runs_its_preset_on_the_cpu(capsys) -> None:
