@@ -128,7 +128,7 @@ FIXTURES = {"mfnet": write_mfnet, "msrs": write_msrs, "fmb": write_fmb, "m3fd": 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bool = True,
+def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bool = True, warmup: bool = True,
                         aux: tuple[str, ...] = ()) -> dict[str, float]:
     """A warm-up iteration (where the preset has one), then one bi-level iteration with an upper step, then
     evaluation. The upper step comes first (``bilevel.ul_every=1``): the lower-only iterations before it in a
@@ -136,13 +136,15 @@ def _train_and_evaluate(tmp_path: Path, preset: str, *extra: str, upper_step: bo
     peak memory, and they cost CI time (133 s of 277 s for the MSRS test on a 2-core AVX2 machine). With
     ``upper_step=False`` (other layouts of a dataset that a test already takes through an upper step at the
     same sizes) two iterations of the preset's schedule: lower-level steps and the data path at full size.
-    ``aux``: the net's auxiliary losses the last upper step must log (finite)."""
+    ``warmup=False``: straight to the upper step. ``aux``: the net's auxiliary losses the last upper step must
+    log (finite)."""
     cfg = get_preset(preset)
-    warmup = ["--set", "train.warmup_iters=1"] if cfg.train.warmup_iters else []
+    warmups = min(cfg.train.warmup_iters, int(warmup))   # one warm-up iteration where the preset has any
     reaches_upper = cfg.bilevel.ul_every <= 2 or upper_step
     schedule = ["--set", "bilevel.ul_every=1"] if reaches_upper else []
-    iters = (2 if warmup else 1) if reaches_upper else 2   # [warm-up,] the upper step; or two LL iterations
-    result = run.main(["--preset", preset, "--iters", str(iters), *warmup, *schedule, "--out", str(tmp_path / "runs"),
+    iters = warmups + 1 if reaches_upper else 2   # [warm-up,] the upper step; or two LL iterations
+    result = run.main(["--preset", preset, "--iters", str(iters), "--set", f"train.warmup_iters={warmups}",
+                       *schedule, "--out", str(tmp_path / "runs"),
                        "--wandb", "disabled", "--device", "cpu", "--set", "log.progress=False", *extra])
     exp = result.experiment
     assert result.steps == iters
@@ -197,8 +199,9 @@ NATIVE_BF16 = native_bf16(torch.device("cpu"))
 
 @PEAK_MEMORY
 def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
-    """Both RoadScene presets, one after the other; without native bf16 only the recommended one (the same
-    nets, data and sizes as the other; its float32 run takes 5-6 minutes on a 2-core AVX2 machine)."""
+    """Both RoadScene presets, one after the other. Without native bf16 only the recommended one (the other
+    has the same nets, data and sizes), straight to its upper step: in float32 with recomputation its warm-up
+    iteration, upper step and evaluation took 5.5 minutes alone on a 2-core AVX2 machine, 8 under CI."""
     root = str(_needs_shared("roadscene"))
     presets = [p for p in list_presets() if "roadscene" in p]
     assert len(presets) >= 2 and "recipe_roadscene_seg" in presets
@@ -208,7 +211,7 @@ def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
     for preset in presets if NATIVE_BF16 else ["recipe_roadscene_seg"]:
         # 4 of the 23 held-out pairs (mixed sizes) keep the evaluation's share of CI small
         metrics = _train_and_evaluate(tmp_path / preset, preset, "--data-root", root, "--set", "eval.max_images=4",
-                                      *recompute)
+                                      *recompute, warmup=NATIVE_BF16)
         assert "eval/mIoU" in metrics and "eval/EN" in metrics, preset
 
 
@@ -268,12 +271,12 @@ def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
 
 @PEAK_MEMORY
 def test_tc_moa_general_on_real_benchmarks(tmp_path: Path) -> None:
-    """One iteration (a batch of 3 pairs of each task at 448 px through the ViT-B TC-MoA; one pair of each
-    without native bf16, where the float32 iteration of three takes 8 minutes on a 2-core AVX2 machine) and
-    the evaluation of the held-out pairs, on the real VIFB, MEF and MFF pairs."""
+    """One iteration (a batch of 3 pairs of each task at 448 px through the ViT-B TC-MoA) and the evaluation of
+    the held-out pairs, on the real VIFB, MEF and MFF pairs. Without native bf16 one pair of each task and two
+    held-out pairs of each benchmark: in float32 the full test took 9 minutes on a 2-core AVX2 machine."""
     for name in ("vifb", "mef", "mff"):
         _needs_shared(name)
-    batch = [] if NATIVE_BF16 else ["--batch", "1"]
+    batch = [] if NATIVE_BF16 else ["--batch", "1", "--set", "eval.max_images=2"]
     metrics = _train_and_evaluate(tmp_path, "tc_moa_general", "--data-root", str(SHARED), *batch,
                                   aux=("mir", "balance"))
     assert "eval/EN" in metrics
