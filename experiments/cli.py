@@ -84,7 +84,7 @@ def resolve_device(name: str, local_rank: int = 0, *, what: str = "train.device"
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 convolutions and matrix products in hardware-backed kernels: GPUs with
     bf16 (Ampere and newer), and CPUs where oneDNN has bf16 kernels (AVX-512 and newer). On other CPUs (AVX2
-    only) PyTorch falls back to scalar bf16 loops, 7-25x slower than float32 (BENCHMARKS.md)."""
+    only) PyTorch falls back to scalar bf16 loops, 7-46x slower than float32 (BENCHMARKS.md)."""
     if device.type == "cuda":
         with torch.cuda.device(device):   # the device asked about, not the current one
             return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -135,8 +135,8 @@ def huge_pages_for_tensors() -> bool:
     Why: blocks above glibc's 32 MiB ceiling (a batch of 16 × 64 channels × 192² is 151 MB) are mmapped and
     returned to the kernel when freed, and each reuse faults them in again page by page. On the 2-core machine
     of BENCHMARKS.md that was 358 s of system time in a 449 s float32 run of ``bdl_roadscene_seg`` (warm-up,
-    upper step, evaluation; 332 s with huge pages); 2 MB pages take 512 times fewer faults. A value the user set is left alone; where the kernel
-    offers no huge pages, PyTorch's allocator only aligns the blocks.
+    upper step, evaluation; 332 s with huge pages); 2 MB pages take 512 times fewer faults. A value the user
+    set is left alone; where the kernel offers no huge pages, PyTorch's allocator only aligns the blocks.
     """
     if "THP_MEM_ALLOC_ENABLE" in os.environ:
         return False

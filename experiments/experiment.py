@@ -299,14 +299,14 @@ def training_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training: ``train.amp``, except where the device would only emulate it.
 
     The bf16 presets are sized for GPUs; on a CPU without oneDNN's bf16 kernels (AVX2 only) every bf16
-    convolution and matrix product runs in a scalar loop, 7-25x slower than float32, so such a run trains
+    convolution and matrix product runs in a scalar loop, 7-46x slower than float32, so such a run trains
     in float32 and says so once. Activations then take twice the memory of bf16.
     """
     if amp != "bf16":
         return None
     if not native_bf16(device):
         where = "this CPU" if device.type == "cpu" else f"device {device}"
-        logger.warning("train.amp='bf16': %s has no native bf16 (bf16 would run 7-25x slower than float32 "
+        logger.warning("train.amp='bf16': %s has no native bf16 (bf16 would run 7-46x slower than float32 "
                        "there); training in float32, with twice bf16's activation memory (nets with "
                        "net.kwargs.grad_checkpointing can trade it for recomputation)", where)
         return None

@@ -250,7 +250,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_training_falls_back_to_float32_where_it_would_be_emulated(tmp_path, monkeypatch, caplog, native):
     """``train.amp=bf16`` autocasts where the device computes bf16 natively; elsewhere (an AVX2-only CPU:
-    scalar bf16 loops, 7-25x slower than float32) the run trains in float32, says so once, and keeps
+    scalar bf16 loops, 7-46x slower than float32) the run trains in float32, says so once, and keeps
     ``bf16`` in its saved config (a checkpoint resumed on a GPU autocasts again)."""
     from experiments import experiment
 
