@@ -105,12 +105,15 @@ class DataConfig:
     kwargs: dict = field(default_factory=dict)   # extra keyword arguments of create_dataset
     num_workers: int | None = None    # loader processes; None = none for data held in memory, else cores - 1 (≤ 8)
     cache_gb: float = 8.0             # memory budget for decoding training streams once (0 = read from disk)
+    fill_workers: int | None = None   # processes loading in-memory streams ahead; None = cores - 1 (≤ 8) on GPU, else 0
 
     def __post_init__(self) -> None:
         if self.crop < 8:
             raise ConfigError(f"data.crop={self.crop} is too small; use at least 8 px")
         if self.num_workers is not None:
             _at_least("data.num_workers", self.num_workers, 0)
+        if self.fill_workers is not None:
+            _at_least("data.fill_workers", self.fill_workers, 0)
         if self.cache_gb < 0:
             raise ConfigError(f"data.cache_gb={self.cache_gb} must be >= 0 (0 reads training data from disk)")
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from experiments.config import RunConfig
 from fusion.data import (
+    CacheFiller,
     FusionDataset,
     InMemory,
     collate_pairs,
@@ -339,6 +340,15 @@ def worker_count(requested: int | None, in_memory: bool) -> int:
     return 0 if in_memory else min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
+def fill_worker_count(requested: int | None, device: torch.device) -> int:
+    """Processes that load the in-memory streams ahead of the loader (:class:`fusion.data.CacheFiller`):
+    ``data.fill_workers`` when set; otherwise one per spare core, at most 8, on a GPU, and none on a CPU,
+    whose cores the step itself keeps busy (there the loader thread's loads cost no step time)."""
+    if requested is not None:
+        return requested
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
 class Streams:
     """Endless, resumable training batches, one named stream per (data, role, batch size).
 
@@ -348,10 +358,11 @@ class Streams:
     members' batches of the same iteration.
 
     Feeding the device: each stream keeps its samples in memory after their first load (decoded or rendered
-    once) while it fits the ``data.cache_gb`` budget (:class:`fusion.data.InMemory`), batches are pinned when the device is a GPU, and
-    :meth:`next` returns the batches prepared in a background thread during the previous iteration while it
-    starts preparing the next ones, so the step never waits on data. None of this changes a batch: each is
-    still a function of (seed, stream, rank, iteration).
+    once) while it fits the ``data.cache_gb`` budget (:class:`fusion.data.InMemory`), on a GPU worker processes
+    load those samples ahead of their first use (:class:`fusion.data.CacheFiller`, ``data.fill_workers``),
+    batches are pinned when the device is a GPU, and :meth:`next` returns the batches prepared in a background
+    thread during the previous iteration while it starts preparing the next ones, so the step never waits on
+    data. None of this changes a batch: each is still a function of (seed, stream, rank, iteration).
     """
 
     def __init__(self, cfg: RunConfig, rank: int, start_step: int, device: torch.device):
@@ -366,6 +377,7 @@ class Streams:
         self._names: dict[str, str] = {}     # identity key → stream name
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._filler: CacheFiller | None = None
 
     def _in_memory(self, dataset: FusionDataset, name: str) -> FusionDataset:
         """``dataset`` kept in memory (:class:`InMemory`) when it fits what is left of the ``data.cache_gb``
@@ -433,17 +445,27 @@ class Streams:
     def next(self) -> dict[str, dict[str, Any]]:
         """One batch of every stream, on the device, keyed by stream name (the next ones are being prepared)."""
         if self._pool is None:
+            self._start_filling()    # forks its workers: before the loader thread starts
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="streams")
             self._pending = self._pool.submit(self._fetch)
         batches = self._pending.result()
         self._pending = self._pool.submit(self._fetch)
         return batches
 
+    def _start_filling(self) -> None:
+        caches = list({id(d): d for d in self.datasets.values() if isinstance(d, InMemory) and d.missing()}.values())
+        workers = fill_worker_count(self.cfg.data.fill_workers, self.device)
+        if caches and workers:
+            self._filler = CacheFiller(caches, workers)
+
     def close(self) -> None:
-        """Stop the background thread (after the batch it is preparing)."""
+        """Stop the background thread (after the batch it is preparing) and the cache filler."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = self._pending = None
+        if self._filler is not None:
+            self._filler.stop()
+            self._filler = None
 
 
 def size_batches(dataset: FusionDataset, n: int, batch_size: int, *, fixed_aug: bool = False

@@ -169,7 +169,7 @@ def resolve_config(args: argparse.Namespace, resume_config: Mapping[str, Any] | 
 RESUMABLE = ("train.iters", "train.epochs", "train.device", "train.threads", "train.ckpt_every",
              "train.max_nonfinite", "train.deterministic", "train.channels_last", "train.cudnn_benchmark",
              "train.cuda_graphs",
-             "data.root", "data.num_workers", "data.cache_gb", "eval.", "log.",
+             "data.root", "data.num_workers", "data.fill_workers", "data.cache_gb", "eval.", "log.",
              "tasks.critic.data_root", "tasks.seg.data_root", "tasks.det.data_root")
 
 

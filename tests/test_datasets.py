@@ -6,6 +6,7 @@ checked against the bounding box of a mask rectangle carried through the same tr
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -547,3 +548,44 @@ def test_in_memory_serves_exactly_the_samples_and_crops_of_the_files(tmp_path: P
     bank = InMemory(scenes)
     assert all(torch.equal(bank[i][k], scenes[i][k]) for i in range(4) for k in ("ir", "vis", "mask"))
     assert bank[0]["mask"].dtype == torch.int64 and bank.has_masks and bank.class_names == scenes.class_names
+
+
+def _wait(filler, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not filler.done():
+        assert time.monotonic() < deadline, "the cache filler did not finish"
+        time.sleep(0.05)
+
+
+def test_cache_filler_loads_ahead_in_worker_processes_what_the_loader_would(tmp_path: Path, caplog) -> None:
+    from fusion.data import CacheFiller, InMemory, SyntheticScenes
+
+    _pairs(tmp_path, "ir", "vi", ["a", "b", "c", "d"])
+    disk = create_dataset("folder", tmp_path, "all")
+    files, bank = InMemory(disk), InMemory(SyntheticScenes(split="train", size=24, length=5))
+    files[1]                                                              # already held: left as it is
+    held = files._samples[1]
+    assert files.missing() == [0, 2, 3]
+    filler = CacheFiller([files, bank], workers=2)
+    _wait(filler)
+    assert files.missing() == [] and bank.missing() == [] and files._samples[1] is held
+    assert files.nbytes == 4 * H * W * (1 + 3)                            # uint8, as the loader stores them
+    for i in range(4):
+        (tmp_path / "ir" / f"{'abcd'[i]}.png").unlink()                   # served from memory from now on
+        assert not files._samples[i]["ir"].is_shared()                    # copied out of the workers' memory
+    scenes = SyntheticScenes(split="train", size=24, length=5)
+    assert all(torch.equal(bank[i][k], scenes[i][k]) for i in range(5) for k in ("ir", "vis", "mask"))
+    with pytest.raises(ValueError, match="at least one worker"):
+        CacheFiller([bank], workers=0)
+
+    # a sample that fails to load stops the filler quietly; the loader then meets it and reports it
+    _pairs(tmp_path / "bad", "ir", "vi", ["a", "b", "c"])
+    broken = InMemory(create_dataset("folder", tmp_path / "bad", "all"))
+    (tmp_path / "bad" / "vi" / "b.png").write_bytes(b"not a png")
+    with caplog.at_level("INFO", logger="fusion.data.cache"):
+        filler = CacheFiller([broken], workers=1)
+        _wait(filler)
+    assert broken.missing() == [1, 2] and "cache filler stopped" in caplog.text
+    with pytest.raises(ImagePairError):
+        broken[1]
+    filler.stop()                                                          # harmless once finished

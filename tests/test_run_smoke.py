@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -383,3 +384,37 @@ def test_train_benchmark_runs_its_preset_on_the_cpu(capsys) -> None:
     assert row["preset"] == "synthetic_seg" and row["device"] == "cpu"
     assert all(row[k] > 0 for k in ("loader_s", "bare_s", "runner_s", "pairs"))
     assert "| synthetic_seg | cpu |" in capsys.readouterr().out
+
+
+def test_cache_filler_leaves_every_batch_as_it_was() -> None:
+    """``data.fill_workers`` (on by default on a GPU) loads the in-memory streams ahead in worker processes;
+    the batches of every stream stay those of a run without it, and the streams end up fully held."""
+    from experiments.config import apply_overrides
+    from experiments.data import fill_worker_count
+    from experiments.experiment import build
+    from experiments.presets import get_preset, smoke
+
+    def draw(fill_workers: int) -> tuple[list[dict], object, list[list[int]]]:
+        exp = build(apply_overrides(smoke(get_preset("synthetic_seg")), [f"data.fill_workers={fill_workers}"]))
+        streams = exp.streams
+        batches = [streams.next()]          # starts the filler; the later batches mostly come from what it stored
+        filler = streams._filler
+        if filler is not None:
+            deadline = time.monotonic() + 60
+            while not filler.done():
+                assert time.monotonic() < deadline, "the cache filler did not finish"
+                time.sleep(0.05)
+        held = [d.missing() for d in streams.datasets.values()]
+        batches += [streams.next() for _ in range(4)]
+        streams.close()
+        return batches, filler, held
+
+    plain, none, _ = draw(0)
+    filled, filler, held = draw(2)
+    assert none is None and filler is not None and held == [[]] * len(held)
+    for a, b in zip(plain, filled):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert all(torch.equal(a[name][k], b[name][k]) for k in ("ir", "vis", "mask") if k in a[name]), name
+    assert fill_worker_count(None, torch.device("cpu")) == 0 and fill_worker_count(3, torch.device("cpu")) == 3
+    assert 1 <= fill_worker_count(None, torch.device("cuda")) <= 8

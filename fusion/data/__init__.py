@@ -4,11 +4,12 @@ One job per module: ``registry`` (names -> datasets), ``base`` (:class:`FusionDa
 ``transforms`` (:class:`Resize`, :class:`RandomCropFlip`, :class:`Compose`), ``labels`` (class tables,
 mask and VOC readers), ``folders`` (the public folder layouts), ``synthetic`` (procedural RGB-T scenes),
 ``sampling`` (:class:`StepSampler`, the collate functions, :func:`make_loader`) and ``cache`` (:class:`InMemory`,
-a training set decoded once). Importing the package registers the built-in datasets; see ``docs/data.md``.
+a training set decoded once; :class:`CacheFiller`, which decodes it ahead in worker processes). Importing the
+package registers the built-in datasets; see ``docs/data.md``.
 """
 
 from fusion.data.base import FusionDataset, Record
-from fusion.data.cache import InMemory
+from fusion.data.cache import CacheFiller, InMemory
 from fusion.data.folders import FMB, LLVIP, M3FD, MFF, MSRS, TNO, VIFB, FolderPairs, MFNet, PairsAB, RoadScene
 from fusion.data.labels import FMB_CLASSES, IGNORE_INDEX, LLVIP_CLASSES, M3FD_CLASSES, MSRS_CLASSES, read_voc
 from fusion.data.registry import create_dataset, list_datasets, register_dataset
@@ -29,6 +30,7 @@ __all__ = [
     "MSRS_CLASSES",
     "TNO",
     "VIFB",
+    "CacheFiller",
     "Compose",
     "FolderPairs",
     "FusionDataset",
