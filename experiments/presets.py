@@ -258,7 +258,7 @@ def recipe_roadscene_seg() -> RunConfig:
     synthetic scenes. On a GPU each constraint's estimator in the upper steps is replayed as a CUDA graph
     (``train.cuda_graphs``; same updates, 0.8× the step time on an H200). The nets are channels_last (NHWC,
     the layout of cuDNN's bf16 convolutions): 5.9 → 7.2 it/s in the bi-level phase on an H200, and on a
-    2-core CPU in float32 the upper step took no longer and 8 % less memory. Ablations:
+    2-core CPU in float32 the upper step took no longer and 8-10 % less memory. Ablations:
     ``experiments/ablate.py --preset recipe_roadscene_seg`` (docs/results.md).
     """
     base = bdl_roadscene_seg()
