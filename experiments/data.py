@@ -331,13 +331,18 @@ def check_crop(dataset: FusionDataset, crop: int, name: str) -> None:
                 factor)
 
 
+def _spare_cores() -> int:
+    """One process per core the main process does not use, at most 8 (at least 1)."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
 def worker_count(requested: int | None, in_memory: bool) -> int:
     """Loader worker processes: ``data.num_workers`` when set; otherwise none for a dataset held in memory
     (a crop is a slice, cheaper than handing a batch between processes) and one per spare core, at most 8,
     for one read from disk."""
     if requested is not None:
         return requested
-    return 0 if in_memory else min(8, max(1, (os.cpu_count() or 2) - 1))
+    return 0 if in_memory else _spare_cores()
 
 
 def fill_worker_count(requested: int | None, device: torch.device) -> int:
@@ -346,7 +351,7 @@ def fill_worker_count(requested: int | None, device: torch.device) -> int:
     whose cores the step itself keeps busy (there the loader thread's loads cost no step time)."""
     if requested is not None:
         return requested
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    return _spare_cores() if device.type == "cuda" else 0
 
 
 class Streams:
@@ -453,7 +458,7 @@ class Streams:
         return batches
 
     def _start_filling(self) -> None:
-        caches = list({id(d): d for d in self.datasets.values() if isinstance(d, InMemory) and d.missing()}.values())
+        caches = list({id(d): d for d in self.datasets.values() if isinstance(d, InMemory)}.values())
         workers = fill_worker_count(self.cfg.data.fill_workers, self.device)
         if caches and workers:
             self._filler = CacheFiller(caches, workers)

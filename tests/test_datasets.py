@@ -6,7 +6,6 @@ checked against the bounding box of a mask rectangle carried through the same tr
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -550,13 +549,6 @@ def test_in_memory_serves_exactly_the_samples_and_crops_of_the_files(tmp_path: P
     assert bank[0]["mask"].dtype == torch.int64 and bank.has_masks and bank.class_names == scenes.class_names
 
 
-def _wait(filler, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not filler.done():
-        assert time.monotonic() < deadline, "the cache filler did not finish"
-        time.sleep(0.05)
-
-
 def test_cache_filler_loads_ahead_in_worker_processes_what_the_loader_would(tmp_path: Path, caplog) -> None:
     from fusion.data import CacheFiller, InMemory, SyntheticScenes
 
@@ -566,8 +558,7 @@ def test_cache_filler_loads_ahead_in_worker_processes_what_the_loader_would(tmp_
     files[1]                                                              # already held: left as it is
     held = files._samples[1]
     assert files.missing() == [0, 2, 3]
-    filler = CacheFiller([files, bank], workers=2)
-    _wait(filler)
+    assert CacheFiller([files, bank], workers=2).wait(timeout=60)
     assert files.missing() == [] and bank.missing() == [] and files._samples[1] is held
     assert files.nbytes == 4 * H * W * (1 + 3)                            # uint8, as the loader stores them
     for i in range(4):
@@ -584,7 +575,7 @@ def test_cache_filler_loads_ahead_in_worker_processes_what_the_loader_would(tmp_
     (tmp_path / "bad" / "vi" / "b.png").write_bytes(b"not a png")
     with caplog.at_level("INFO", logger="fusion.data.cache"):
         filler = CacheFiller([broken], workers=1)
-        _wait(filler)
+        assert filler.wait(timeout=60)
     assert broken.missing() == [1, 2] and "cache filler stopped" in caplog.text
     with pytest.raises(ImagePairError):
         broken[1]

@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -399,11 +398,7 @@ def test_cache_filler_leaves_every_batch_as_it_was() -> None:
         streams = exp.streams
         batches = [streams.next()]          # starts the filler; the later batches mostly come from what it stored
         filler = streams._filler
-        if filler is not None:
-            deadline = time.monotonic() + 60
-            while not filler.done():
-                assert time.monotonic() < deadline, "the cache filler did not finish"
-                time.sleep(0.05)
+        assert filler is None or filler.wait(timeout=60), "the cache filler did not finish"
         held = [d.missing() for d in streams.datasets.values()]
         batches += [streams.next() for _ in range(4)]
         streams.close()

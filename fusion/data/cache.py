@@ -169,8 +169,9 @@ class CacheFiller:
         except Exception as err:   # noqa: BLE001 - the loader meets the same sample and reports it properly
             log.info("cache filler stopped (%s); the loader loads the remaining samples itself", err)
 
-    def done(self) -> bool:
-        """Whether the filler has finished (or stopped)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the filler to finish (or stop); whether it has."""
+        self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def stop(self) -> None:
