@@ -18,7 +18,9 @@ from experiments.cli import huge_pages_for_tensors, retain_freed_memory
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUSION_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Each xdist worker takes its share of the cores (at most two threads): two workers with two OpenMP threads
+# each on two cores spin-wait on each other.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 # The test process is an entry point too: its real-size runs get the allocator settings that run.py gives them.
 retain_freed_memory()
 huge_pages_for_tensors()

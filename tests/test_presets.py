@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,27 +192,46 @@ def _group_is_honoured(request: pytest.FixtureRequest) -> None:
         assert request.node.nodeid.endswith("@peak_memory"), "xdist_group ignored: use pytest<9.2 (requirements-test.txt)"
 
 
+@pytest.fixture(autouse=True)
+def _critical_path_threads(request: pytest.FixtureRequest):
+    """The peak-memory group runs on one worker for most of the suite (its critical path): its large
+    convolutions take every core (at most two) while the other worker runs single-threaded tests
+    (tests/conftest.py gives each worker its share of the cores)."""
+    if request.node.get_closest_marker("xdist_group") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(threads)
+
+
 #: Whether this CPU computes bf16 natively. Where it does not (AVX2 only) the runner trains the bf16 presets
 #: in float32 (``experiments.experiment.training_amp``), which doubles their activations and, on such a
-#: 2-core machine, their time: the GPU-sized presets below then keep their crops, nets and data but do less.
+#: 2-core machine, their time: the GPU-sized presets below then keep their crops, nets and data but do less
+#: (half their batch or less: at full batch these four tests kept one test worker busy for 17 of the suite's
+#: 19 minutes on such a machine).
 NATIVE_BF16 = native_bf16(torch.device("cpu"))
+#: BDL's presets without native bf16: an upper-level batch of 2 instead of 4 (the lower level's is 2 already).
+HALF_BATCH = () if NATIVE_BF16 else ("--batch", "2")
 
 
 @PEAK_MEMORY
 def test_roadscene_presets_on_real_roadscene(tmp_path: Path) -> None:
     """Both RoadScene presets, one after the other. Without native bf16 only the recommended one (the other
-    has the same nets, data and sizes), straight to its upper step: in float32 with recomputation its warm-up
-    iteration, upper step and evaluation took 5.5 minutes alone on a 2-core AVX2 machine, 8 under CI."""
+    has the same nets, data and sizes), straight to its upper step, at half its batch: in float32 with
+    recomputation its upper step and evaluation at batch 16 took 4.3 minutes alone on a 2-core AVX2 machine,
+    7-8 under CI, the suite's longest test (the upper step is 76 % of it)."""
     root = str(_needs_shared("roadscene"))
     presets = [p for p in list_presets() if "roadscene" in p]
     assert len(presets) >= 2 and "recipe_roadscene_seg" in presets
     # In float32 BDL's net keeps twice bf16's activations (24 GB peak for the upper step at batch 16 × 192 px,
     # more than this worker has); recomputing its blocks (the same gradients) brings that to 9-11 GB.
-    recompute = [] if NATIVE_BF16 else ["--set", "net.kwargs.grad_checkpointing=True"]
+    fallback = [] if NATIVE_BF16 else ["--set", "net.kwargs.grad_checkpointing=True", "--batch", "8"]
     for preset in presets if NATIVE_BF16 else ["recipe_roadscene_seg"]:
         # 4 of the 23 held-out pairs (mixed sizes) keep the evaluation's share of CI small
         metrics = _train_and_evaluate(tmp_path / preset, preset, "--data-root", root, "--set", "eval.max_images=4",
-                                      *recompute, warmup=NATIVE_BF16)
+                                      *fallback, warmup=NATIVE_BF16)
         assert "eval/mIoU" in metrics and "eval/EN" in metrics, preset
 
 
@@ -228,7 +248,7 @@ def test_bdl_mfnet_seg_on_segmentation_layouts(tmp_path: Path, data: str) -> Non
 def test_bdl_m3fd_det_on_detection_layouts(tmp_path: Path, data: str) -> None:
     root = FIXTURES[data](tmp_path / data)
     metrics = _train_and_evaluate(tmp_path, "bdl_m3fd_det", "--data", data, "--data-root", str(root),
-                                  upper_step=data == "m3fd")
+                                  *HALF_BATCH, upper_step=data == "m3fd")
     assert 0.0 <= metrics["eval/mAP50"] <= 1.0
 
 
@@ -265,7 +285,7 @@ def test_bdl_mfnet_seg_on_real_msrs_person_masks(tmp_path: Path) -> None:
     """The 8 real MSRS pairs with person masks: segmentation labels, and the saliency map of loss and critic."""
     root = _needs_shared("msrs_person8")
     metrics = _train_and_evaluate(tmp_path, "bdl_mfnet_seg", "--data", "msrs_person8", "--data-root", str(root),
-                                  "--set", "data.holdout=4")
+                                  "--set", "data.holdout=4", *HALF_BATCH)
     assert 0.0 <= metrics["eval/mIoU"] <= 1.0
 
 
