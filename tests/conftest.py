@@ -18,9 +18,11 @@ from experiments.cli import huge_pages_for_tensors, retain_freed_memory
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUSION_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-# Each xdist worker takes its share of the cores (at most two threads): two workers with two OpenMP threads
-# each on two cores spin-wait on each other.
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+#: Threads a test may use at most: the cores, up to two.
+CORES = max(1, min(2, os.cpu_count() or 1))
+# Each xdist worker takes its share of them: two workers with two OpenMP threads each on two cores spin-wait
+# on each other.
+torch.set_num_threads(max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 # The test process is an entry point too: its real-size runs get the allocator settings that run.py gives them.
 retain_freed_memory()
 huge_pages_for_tensors()
@@ -50,13 +52,23 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+def _threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny problems: one thread avoids OpenMP spin-waiting on a loaded 2-core machine (up to 100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _threads(1)
+
+
+@pytest.fixture
+def all_cores():
+    """A test on the suite's critical path takes every core (:data:`CORES`), more than its worker's share."""
+    yield from _threads(CORES)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -193,17 +192,11 @@ def _group_is_honoured(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _critical_path_threads(request: pytest.FixtureRequest):
+def _critical_path_threads(request: pytest.FixtureRequest) -> None:
     """The peak-memory group runs on one worker for most of the suite (its critical path): its large
-    convolutions take every core (at most two) while the other worker runs single-threaded tests
-    (tests/conftest.py gives each worker its share of the cores)."""
-    if request.node.get_closest_marker("xdist_group") is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(threads)
+    convolutions take every core while the other worker runs tests on its share (tests/conftest.py)."""
+    if request.node.get_closest_marker("xdist_group") is not None:
+        request.getfixturevalue("all_cores")
 
 
 #: Whether this CPU computes bf16 natively. Where it does not (AVX2 only) the runner trains the bf16 presets
