@@ -52,7 +52,7 @@ from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
 from fusion.image_io import ImagePairError, image_size
 from fusion.metrics import cpu_chunks, get_metric, get_profile, list_metrics
-from fusion.metrics.profiles import shared_preparation
+from fusion.metrics.profiles import shared_preparation, shared_sources
 
 __all__ = [
     "STANDARD_METRICS",
@@ -295,7 +295,7 @@ def score_images(batch: torch.Tensor, a: torch.Tensor, b: torch.Tensor, names: S
     """Each metric of ``names`` on fused ``batch`` (N, C, H, W) against sources ``a``, ``b``; a metric that
     cannot run on these images (e.g. windows larger than the image) gives NaN and a note in ``failures``."""
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.no_grad():
+    with torch.no_grad(), shared_sources(batch, a, b):
         for chunk in cpu_chunks(batch, a, b):
             with shared_preparation():
                 for n in names:

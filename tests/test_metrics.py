@@ -6,6 +6,7 @@ and the per-image NumPy/SciPy evaluator of ``experiments/bench_metrics.py`` (CDD
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 
@@ -431,13 +432,13 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
     of batch 1 two per chunk (the last one alone), that source whole in every chunk."""
     from fusion.metrics import registry
 
-    monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 1)
+    monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 72 * 72)  # one 72 px image
     calls = []
     monkeypatch.setattr(registry, "shared_preparation", lambda: calls.append(1) or contextlib.nullcontext())
     f = textured(seed=35, batch=5)
     a, b = textured(seed=36, batch=batch_a), textured(seed=37, batch=batch_b)
     profile = "cddfuse" if chunks == 5 else "reference"
-    names = [n for n in ["EN", "MI", "VIF", "Qabf", "SSIM", "Qcb"] if profile in get_metric(n).profiles]
+    names = [n for n in ["EN", "MI", "VIF", "Qabf", "SSIM", "Qcb", "Qcv"] if profile in get_metric(n).profiles]
     chunked = compute_metrics(f, a, b, names, profile=profile)
     assert len(calls) == chunks
     whole = {n: get_metric(n)(f, a, b, profile=profile) for n in names}
@@ -447,6 +448,31 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
         rtol = 1e-6 if (n, profile) == ("SSIM", "reference") else 1e-13
         assert chunked[n].shape == (5,)
         assert torch.allclose(chunked[n], whole[n], rtol=rtol, atol=0), n
+
+
+@pytest.mark.parametrize(("batch_a", "calls"), [(1, 2), (5, 4)])
+def test_shared_sources_are_worked_once(monkeypatch, batch_a, calls):
+    """Five fused images in three chunks: a source of batch 1 has its own terms computed once for the whole
+    batch; a source of batch 5 is sliced per chunk and computes them in each (3 + 1 calls per metric)."""
+    from fusion.metrics import perceptual, registry, structural
+
+    monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 72 * 72)  # one 72 px image
+    counts: collections.Counter = collections.Counter()
+
+    def count(module, name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args: counts.update([name]) or original(*args))
+
+    count(perceptual, "_qcv_source")
+    count(structural, "_vif_source_scales")
+    f = textured(seed=35, batch=5)
+    a, b = textured(seed=36, batch=batch_a), textured(seed=37)
+    compute_metrics(f, a, b, ["Qcv", "VIF"])
+    assert counts == {"_qcv_source": calls, "_vif_source_scales": calls}
+    counts.clear()
+    get_metric("Qcv")(f, a, b)  # outside compute_metrics nothing is kept
+    get_metric("Qcv")(f, a, b)
+    assert counts == {"_qcv_source": 4}
 
 
 @pytest.mark.parametrize("scale", [8128.0, 1e30])

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusion.metrics._utils import channel_mean, sobel, window_dtype
-from fusion.metrics.profiles import get_profile, prepare
+from fusion.metrics.profiles import get_profile, per_source, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["nabf", "qabf"]
@@ -87,8 +87,8 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
         equal = gf
     num = 0.0
     den = 0.0
-    for x in (xa, xb):
-        g2x, gx, ax = _edges(x)
+    for source, x in ((a, xa), (b, xb)):
+        g2x, gx, ax = per_source(source, ("Qabf", profile, x.shape, dtype), lambda x=x: _edges(x))
         g = _ratio(g2x, g2f, gx, gf, equal)
         ang = (ax - af).abs_().div_(HALF_PI).neg_().add_(1)  # 1 − |α_X − α_F|/(π/2), in place
         # Γ/(1 + e^{κ(v − σ)}) = Γ·sigmoid(−κ(v − σ))

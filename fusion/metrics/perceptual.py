@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fusion.metrics._utils import block_reduce_sum, channel_mean, normalise_255, sobel
-from fusion.metrics.profiles import prepare
+from fusion.metrics.profiles import per_source, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["qcb", "qcv"]
@@ -103,7 +103,9 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
         c2 = c * c
         return c.mul_(c2).div_(c2.add_(1e-4))  # C³/(C² + Z), in place (the same operations)
 
-    cf, ca, cb = masked(f), masked(xa), masked(xb)
+    cf = masked(f)
+    ca = per_source(a, ("Qcb", profile, xa.shape), lambda: masked(xa))
+    cb = per_source(b, ("Qcb", profile, xb.shape), lambda: masked(xb))
 
     def preservation(cx: Tensor) -> Tensor:
         """min(C′_X/C′_F, C′_F/C′_X): the smaller over the larger (NaN where both are 0, as the ratios)."""
@@ -114,6 +116,14 @@ def qcb(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     q = torch.mul(ca2 / sal, preservation(ca))  # λ_A Q_AF, with the batch of every input
     q.add_((cb2 / sal) * preservation(cb))
     return channel_mean(q.mean(dim=(-2, -1)))
+
+
+def _qcv_source(x: Tensor, csf: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """A source's block saliency Σ g^5 (Sobel magnitude g) and its CSF-filtered image."""
+    nx = normalise_255(x)
+    gx, gy = sobel(nx)
+    lam = block_reduce_sum((gx * gx + gy * gy) ** 2.5, block)
+    return lam, _csf_filter(torch.fft.rfft2(nx), csf, tuple(nx.shape[-2:]))
 
 
 @register_metric(
@@ -140,11 +150,9 @@ def qcv(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     # pair (the sources broadcast over the fused batch), halves the inverse FFTs of filter(X − F).
     csf_f = _csf_filter(torch.fft.rfft2(normalise_255(f)), csf, (h, w))
     num = den = 0.0
-    for x in (xa, xb):
-        nx = normalise_255(x)
-        gx, gy = sobel(nx)
-        lam = block_reduce_sum((gx * gx + gy * gy) ** 2.5, block)
-        diff = _csf_filter(torch.fft.rfft2(nx), csf, (h, w)) - csf_f
+    for source, x in ((a, xa), (b, xb)):
+        lam, csf_x = per_source(source, ("Qcv", profile, x.shape), lambda x=x: _qcv_source(x, csf, block))
+        diff = csf_x - csf_f
         dist = block_reduce_sum(diff * diff, block) / (block * block)
         num = num + (lam * dist).sum(dim=(-2, -1))
         den = den + lam.sum(dim=(-2, -1))

@@ -29,10 +29,11 @@ Profiles:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -47,9 +48,13 @@ __all__ = [
     "get_profile",
     "list_profiles",
     "matlab_rgb2gray",
+    "per_source",
     "prepare",
     "shared_preparation",
+    "shared_sources",
 ]
+
+T = TypeVar("T")
 
 
 class ProfileError(ValueError):
@@ -143,6 +148,43 @@ def shared_preparation() -> Iterator[None]:
         yield
     finally:
         _CACHE.reset(token)
+
+
+_SOURCES: ContextVar[tuple[dict, dict] | None] = ContextVar("fusion_metrics_source_cache", default=None)
+
+
+@contextmanager
+def shared_sources(fused: Tensor, *sources: Tensor) -> Iterator[None]:
+    """Within this block, :func:`per_source` computes each source's own terms once for the whole batch.
+
+    A method comparison scores B fused images against one source pair, in chunks on the CPU
+    (:func:`fusion.metrics.cpu_chunks`), and every chunk would redo the sources' share of each metric (half
+    of Qcb's filtering). Only sources of batch 1 against a larger fused batch are kept: they reach every chunk
+    as the same tensor, while distinct pairs are sliced per chunk and share nothing.
+    """
+    batch = fused.shape[0] if fused.dim() == 4 else 1
+    shared = {id(x): x for x in sources if batch > 1 and (x.dim() != 4 or x.shape[0] == 1)}
+    token = _SOURCES.set((shared, {}) if shared else None)
+    try:
+        yield
+    finally:
+        _SOURCES.reset(token)
+
+
+def per_source(source: Tensor, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, computed once per ``(source, key)`` inside :func:`shared_sources` for a shared source.
+
+    ``source`` is the caller's input tensor (not a prepared copy); ``key`` names everything else the result
+    depends on (metric, profile, working shape). Callers must not modify the result in place.
+    """
+    state = _SOURCES.get()
+    if state is None or id(source) not in state[0]:
+        return compute()
+    values = state[1]
+    slot = (id(source), key)
+    if slot not in values:
+        values[slot] = compute()
+    return values[slot]
 
 
 def _quantise_(x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel.registry import lookup
-from fusion.metrics.profiles import ProfileError, get_profile, shared_preparation
+from fusion.metrics.profiles import ProfileError, get_profile, shared_preparation, shared_sources
 
 __all__ = [
     "CANONICAL_ORDER",
@@ -165,7 +165,8 @@ def compute_metrics(
         ``{canonical name: Tensor (B,)}`` in the order asked for.
 
     On CPU the batch is evaluated in cache-sized chunks (:func:`cpu_chunks`); values are per image, hence
-    unchanged.
+    unchanged. Sources of batch 1 against several fused images have their own terms computed once
+    (:func:`~fusion.metrics.profiles.shared_sources`), not once per chunk.
     """
     if names is None:
         names = list_metrics(profile)
@@ -173,7 +174,7 @@ def compute_metrics(
         names = [n.strip() for n in names.split(",") if n.strip()]
     specs = [get_metric(n) for n in names]
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), shared_sources(fused, a, b):
         for chunk in cpu_chunks(fused, a, b):
             with shared_preparation():
                 parts.append({s.name: s(*chunk, profile=profile) for s in specs})
@@ -185,14 +186,13 @@ def cpu_chunks(fused: Tensor, a: Tensor, b: Tensor) -> Iterator[tuple[Tensor, Te
 
     B distinct pairs (all three inputs with batch B): chunks of about :data:`CPU_CHUNK_PIXELS` values per
     input, at least one pair (about 2× faster than one pass over a large batch). B fused images against one
-    source pair (inputs with batch 1 stay whole in every chunk): chunks of twice that, at least 2 fused
-    images, since each chunk redoes the sources' work — 25 VIFB methods against one 480×640 pair run 2–2.5×
-    faster in chunks of 2 than in one pass, although the sources are then processed 13 times instead of once.
+    source pair (inputs with batch 1 stay whole in every chunk, their own terms computed once through
+    :func:`~fusion.metrics.profiles.shared_sources`): chunks of about twice that many fused values.
     """
     batch = fused.shape[0] if fused.dim() == 4 else 1
     per_image = fused[0].numel() if fused.dim() == 4 else fused.numel()
     whole = [t.dim() != 4 or (t.shape[0] == 1 and batch > 1) for t in (fused, a, b)]  # broadcast, not split
-    step = max(2, 2 * CPU_CHUNK_PIXELS // per_image) if any(whole) else max(1, CPU_CHUNK_PIXELS // per_image)
+    step = max(1, (2 if any(whole) else 1) * CPU_CHUNK_PIXELS // per_image)
     if fused.device.type != "cpu" or batch <= step:
         yield fused, a, b
         return

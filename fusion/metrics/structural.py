@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from fusion.metrics._utils import (
     window_dtype,
     window_filter,
 )
-from fusion.metrics.profiles import prepare
+from fusion.metrics.profiles import per_source, prepare
 from fusion.metrics.registry import register_metric
 from fusion.metrics.windowed import mef_ssim_mefb, qw_edge
 
@@ -47,27 +47,26 @@ def _gaussian(size: int, sigma: float, device: torch.device, dtype: torch.dtype)
     return lambda t: window_filter(t, win)
 
 
-def _local_stats(xc: Tensor, filt: Filter) -> tuple[Tensor, Tensor]:
-    """Windowed mean and E[x²] of centred data ('valid' filtering)."""
-    return filt(xc), filt(xc * xc)
+def _local_terms(xc: Tensor, filt: Filter, cov_norm: float) -> tuple[Tensor, Tensor]:
+    """Windowed mean and variance (× ``cov_norm``) of centred data ('valid' filtering)."""
+    mean = filt(xc)
+    return mean, filt(xc * xc).sub_(mean * mean).mul_(cov_norm)
 
 
 def _ssim_maps(
-    xc: Tensor, fc: Tensor, filt: Filter, c1: float, c2: float, cov_norm: float = 1.0, stats_f=None
+    xc: Tensor, fc: Tensor, filt: Filter, c1: float, c2: float, cov_norm: float = 1.0, terms_x=None, terms_f=None
 ) -> tuple[Tensor, Tensor]:
     """SSIM and contrast-structure maps of broadcastable centred x (source) and f (fused).
 
-    Built in place on the filter outputs (same operations and values as the textbook formulas): on CPU
-    fresh full-size temporaries cost more than the arithmetic. ``stats_f`` is left untouched.
+    ``terms_x``/``terms_f`` are their :func:`_local_terms` when already known, and are left untouched. The
+    rest is built in place on fresh filter outputs (same operations and values as the textbook formulas):
+    on CPU fresh full-size temporaries cost more than the arithmetic.
     """
-    mx, xx = _local_stats(xc, filt)
-    mf, ff = stats_f if stats_f is not None else _local_stats(fc, filt)
-    xf = filt(xc * fc)
-    vx = xx.sub_(mx * mx).mul_(cov_norm)
-    vf = (ff - mf * mf).mul_(cov_norm)
-    vxf = xf.sub_(mx * mf).mul_(cov_norm)
+    mx, vx = terms_x if terms_x is not None else _local_terms(xc, filt, cov_norm)
+    mf, vf = terms_f if terms_f is not None else _local_terms(fc, filt, cov_norm)
+    vxf = filt(xc * fc).sub_(mx * mf).mul_(cov_norm)
     cs = vxf.mul_(2).add_(c2).div_((vx + vf).add_(c2))  # x and f may differ in batch: broadcast here
-    mx, mf = mx.add_(CENTRE), mf + CENTRE
+    mx, mf = mx + CENTRE, mf + CENTRE
     lum_den = (mx * mx + mf * mf).add_(c1)
     lum = (mx * mf).mul_(2).add_(c1).div_(lum_den)
     return lum.mul_(cs), cs
@@ -97,8 +96,12 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
         c1, c2, cov, dtype = (0.01 * 255) ** 2, (0.03 * 255) ** 2, 1.0, window_dtype(f.device)
         filt = _gaussian(11, 1.5, f.device, dtype)
     fc = _centred(f, dtype)
-    stats_f = _local_stats(fc, filt)
-    total = sum(_mean64(_ssim_maps(_centred(x, dtype), fc, filt, c1, c2, cov, stats_f)[0]) for x in (xa, xb))
+    terms_f = _local_terms(fc, filt, cov)
+    total = 0
+    for source, x in ((a, xa), (b, xb)):
+        xc = _centred(x, dtype)
+        terms_x = per_source(source, ("SSIM", profile, x.shape), lambda xc=xc: _local_terms(xc, filt, cov))
+        total = total + _mean64(_ssim_maps(xc, fc, filt, c1, c2, cov, terms_x, terms_f)[0])
     return channel_mean(total)
 
 
@@ -192,35 +195,56 @@ def _variance(e2: Tensor, mu_a: Tensor, mu_b: Tensor) -> Tensor:
     return e2.sub_(mu_a * mu_b)
 
 
-def _vif_scales(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False):
+SourceScales = list[tuple[Tensor, Tensor, Tensor]]
+
+
+def _vif_window(scale: int, device: torch.device) -> Tensor:
+    n = 2 ** (5 - scale) + 1
+    return gaussian_1d(n, n / 5.0, device=device)
+
+
+def _vif_source_scales(x: Tensor, clip_products: bool) -> SourceScales:
+    """Per scale 1..4 a source's working image (centred, then filtered and decimated), windowed mean and
+    variance σ_X²: the terms that do not depend on the fused image."""
+    x = x.to(torch.float64) - (0.0 if clip_products else CENTRE)
+    terms = []
+    for scale in range(1, 5):
+        win = _vif_window(scale, x.device)
+        if scale > 1:
+            x = separable_filter(x, win, step=2)
+        mu = separable_filter(x, win)
+        terms.append((x, mu, _variance(_moment(x, x, win, clip_products and scale == 1), mu, mu).clamp_(min=0)))
+    return terms
+
+
+def _vif_scales(f: Tensor, sources: Sequence[SourceScales], *, clip_products: bool = False):
     """Yield, per scale 1..4, the VIF statistics ([σ_X² per source], σ_F², [σ_XF per source]), per (B, C).
 
-    The statistics of F are computed once for all sources. Gaussian windows N_s = 2^(5−s)+1, σ = N_s/5 are
-    applied in float64 by :func:`separable_filter` ('valid'; filter-and-decimate by 2 between scales
-    computes only the kept pixels), on data centred on 127.5 (variances are shift invariant; the
+    ``sources`` holds each source's :func:`_vif_source_scales`. Gaussian windows N_s = 2^(5−s)+1,
+    σ = N_s/5 are applied in float64 by :func:`separable_filter` ('valid'; filter-and-decimate by 2 between
+    scales computes only the kept pixels), on data centred on 127.5 (variances are shift invariant; the
     normalised windows keep the data centred across scales).
     """
-    centre = 0.0 if clip_products else CENTRE  # uint8 saturation (tang_legacy) needs raw values
-    f = f.to(torch.float64) - centre
-    xs = [x.to(torch.float64) - centre for x in sources]
-    for scale in range(1, 5):
-        n = 2 ** (5 - scale) + 1
-        win = gaussian_1d(n, n / 5.0, device=f.device)
+    f = f.to(torch.float64) - (0.0 if clip_products else CENTRE)  # uint8 saturation (tang_legacy): raw values
+    for scale, terms in enumerate(zip(*sources), start=1):
+        win = _vif_window(scale, f.device)
         if scale > 1:
             f = separable_filter(f, win, step=2)
-            xs = [separable_filter(x, win, step=2) for x in xs]
         saturate = clip_products and scale == 1
         mu_f = separable_filter(f, win)
         s2 = _variance(_moment(f, f, win, saturate), mu_f, mu_f).clamp_(min=0)
-        s1s, s12s = [], []
-        for x in xs:
-            mu_x = separable_filter(x, win)
-            s1s.append(_variance(_moment(x, x, win, saturate), mu_x, mu_x).clamp_(min=0))
-            s12s.append(_variance(_moment(x, f, win, saturate), mu_x, mu_f))
-        yield s1s, s2, s12s
+        s12s = [_variance(_moment(x, f, win, saturate), mu_x, mu_f) for x, mu_x, _ in terms]
+        yield [s1 for _, _, s1 in terms], s2, s12s
 
 
-def _vif_sum(f: Tensor, sources: tuple[Tensor, ...], *, clip_products: bool = False) -> Tensor:
+def _vif_sources(profile: str, pairs: Sequence[tuple[Tensor, Tensor]], clip_products: bool = False
+                 ) -> list[SourceScales]:
+    """:func:`_vif_source_scales` of each (input, prepared) source pair, once per shared source."""
+    key = ("VIF", profile, clip_products)
+    return [per_source(src, (*key, x.shape), lambda x=x: _vif_source_scales(x, clip_products)) for src, x in pairs]
+
+
+def _vif_sum(f: Tensor, sources: Sequence[SourceScales], *, clip_products: bool = False) -> Tensor:
     """Σ_X VIF-P(X, F) (Sheikh & Bovik 2006, pixel domain, 4 scales, σ_n² = 2), per (B, C)."""
     num = [0.0] * len(sources)
     den = [0.0] * len(sources)
@@ -250,7 +274,8 @@ def vif(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     f, xa, xb = prepare(profile, fused, a, b)
     if min(f.shape[-2:]) < 65:  # four 'valid' scales: 17-tap, decimate, 9-tap, ... need ≥ 65 pixels
         raise ValueError(f"VIF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
-    return channel_mean(_vif_sum(f, (xa, xb), clip_products=profile == "tang_legacy"))
+    clip = profile == "tang_legacy"
+    return channel_mean(_vif_sum(f, _vif_sources(profile, ((a, xa), (b, xb)), clip), clip_products=clip))
 
 
 VIFF_SCALE_WEIGHTS = (1.0, 0.0, 0.15, 1.0)
@@ -277,7 +302,8 @@ def viff(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
         raise ValueError(f"VIFF needs both image sides >= 65 pixels; got {tuple(f.shape[-2:])}")
     sigma_nsq, c = 0.005 * 255 * 255, 1e-7
     total = 0.0
-    for weight, ((s1a, s1b), s2, (s12a, s12b)) in zip(VIFF_SCALE_WEIGHTS, _vif_scales(f, (xa, xb))):
+    scales = _vif_scales(f, _vif_sources(profile, ((a, xa), (b, xb))))
+    for weight, ((s1a, s1b), s2, (s12a, s12b)) in zip(VIFF_SCALE_WEIGHTS, scales):
         ga, vid_a, vind_a = _vif_channel(s1a, s2, s12a, sigma_nsq)
         gb, vid_b, vind_b = _vif_channel(s1b, s2, s12b, sigma_nsq)
         pick_a = ga < gb
