@@ -426,10 +426,15 @@ def test_cddfuse_ssim_float32_sums_change_nothing(monkeypatch):
     assert value("SSIM", f, a, b, "cddfuse") == fast
 
 
-@pytest.mark.parametrize(("batch_a", "batch_b", "chunks"), [(5, 5, 5), (1, 1, 3), (5, 1, 3), (1, 5, 3)])
-def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batch_b, chunks):
+@pytest.mark.parametrize(
+    ("batch_a", "batch_b", "chunks", "profile"),
+    [(5, 5, 5, "cddfuse"), (1, 1, 3, "reference"), (5, 1, 3, "reference"), (1, 5, 3, "reference"),
+     (1, 1, 3, "mefb"), (5, 1, 3, "mefb")],
+)
+def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batch_b, chunks, profile):
     """CPU chunking changes no value: distinct pairs go one pair per chunk; fused images against a source
-    of batch 1 two per chunk (the last one alone), that source whole in every chunk."""
+    of batch 1 two per chunk (the last one alone), that source whole in every chunk and its own terms
+    computed once (:func:`fusion.metrics.profiles.shared_sources`)."""
     from fusion.metrics import registry
 
     monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 72 * 72)  # one 72 px image
@@ -437,8 +442,8 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
     monkeypatch.setattr(registry, "shared_preparation", lambda: calls.append(1) or contextlib.nullcontext())
     f = textured(seed=35, batch=5)
     a, b = textured(seed=36, batch=batch_a), textured(seed=37, batch=batch_b)
-    profile = "cddfuse" if chunks == 5 else "reference"
-    names = [n for n in ["EN", "MI", "VIF", "Qabf", "SSIM", "Qcb", "Qcv"] if profile in get_metric(n).profiles]
+    every = ["EN", "MI", "VIF", "VIFF", "Qabf", "SSIM", "Qcb", "Qcv", "Qc", "Qy", "Qw", "Qp", "MEF_SSIM"]
+    names = [n for n in every if profile in get_metric(n).profiles]
     chunked = compute_metrics(f, a, b, names, profile=profile)
     assert len(calls) == chunks
     whole = {n: get_metric(n)(f, a, b, profile=profile) for n in names}
@@ -447,14 +452,15 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
         # rounding depends on how many images it filters at once (the documented ~1e-7)
         rtol = 1e-6 if (n, profile) == ("SSIM", "reference") else 1e-13
         assert chunked[n].shape == (5,)
-        assert torch.allclose(chunked[n], whole[n], rtol=rtol, atol=0), n
+        assert torch.allclose(chunked[n], whole[n], rtol=rtol, atol=0, equal_nan=True), n  # MEF_SSIM: Q_l < 0
 
 
 @pytest.mark.parametrize(("batch_a", "calls"), [(1, 2), (5, 4)])
 def test_shared_sources_are_worked_once(monkeypatch, batch_a, calls):
     """Five fused images in three chunks: a source of batch 1 has its own terms computed once for the whole
-    batch; a source of batch 5 is sliced per chunk and computes them in each (3 + 1 calls per metric)."""
-    from fusion.metrics import perceptual, registry, structural
+    batch; a source of batch 5 is sliced per chunk and computes them in each (3 + 1 calls per metric; terms
+    of both sources, MEF-SSIM's, in every chunk)."""
+    from fusion.metrics import perceptual, registry, structural, windowed
 
     monkeypatch.setattr(registry, "CPU_CHUNK_PIXELS", 72 * 72)  # one 72 px image
     counts: collections.Counter = collections.Counter()
@@ -465,10 +471,13 @@ def test_shared_sources_are_worked_once(monkeypatch, batch_a, calls):
 
     count(perceptual, "_qcv_source")
     count(structural, "_vif_source_scales")
+    count(windowed, "_mef_source_terms")  # three scales, of both sources at once
     f = textured(seed=35, batch=5)
     a, b = textured(seed=36, batch=batch_a), textured(seed=37)
     compute_metrics(f, a, b, ["Qcv", "VIF"])
-    assert counts == {"_qcv_source": calls, "_vif_source_scales": calls}
+    compute_metrics(f, a, b, ["MEF_SSIM"], profile="mefb")
+    assert counts == {"_qcv_source": calls, "_vif_source_scales": calls,
+                      "_mef_source_terms": 3 if batch_a == 1 else 9}
     counts.clear()
     get_metric("Qcv")(f, a, b)  # outside compute_metrics nothing is kept
     get_metric("Qcv")(f, a, b)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion.metrics._utils import channel_mean, gaussian_1d, separable_filter
-from fusion.metrics.profiles import prepare
+from fusion.metrics.profiles import per_source, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["phase_congruency", "qp"]
@@ -175,17 +175,17 @@ def qp(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
     f, xa, xb = prepare(profile, fused, a, b)
     if min(f.shape[-2:]) < 2:
         raise ValueError(f"Qp needs both image sides >= 2 pixels; got {tuple(f.shape[-2:])}")
-    cache: dict[tuple[int, int, int], tuple[Tensor, ...]] = {}
+    chans = f.shape[1]
 
-    def pcs(x: Tensor, i: int, c: int, tag: int) -> tuple[Tensor, ...]:
-        key = (tag, min(i, x.shape[0] - 1), c)
-        if key not in cache:
-            cache[key] = phase_congruency(x[key[1], c])
-        return cache[key]
+    def pcs(x: Tensor) -> list[list[tuple[Tensor, ...]]]:
+        return [[phase_congruency(x[i, c]) for c in range(chans)] for i in range(x.shape[0])]
 
-    bsz, chans = max(f.shape[0], xa.shape[0], xb.shape[0]), f.shape[1]
+    # a source of batch 1 is analysed once, for every fused image (and every chunk of a method comparison)
+    maps = [per_source(src, ("Qp", profile, x.shape), lambda x=x: pcs(x)) for src, x in ((a, xa), (b, xb))]
+    maps.append(pcs(f))
+    bsz = max(len(m) for m in maps)
     out = torch.empty(bsz, chans, dtype=torch.float64, device=f.device)
     for i in range(bsz):
         for c in range(chans):
-            out[i, c] = _qp_single(pcs(xa, i, c, 0), pcs(xb, i, c, 1), pcs(f, i, c, 2))
+            out[i, c] = _qp_single(*(m[min(i, len(m) - 1)][c] for m in maps))
     return channel_mean(out)

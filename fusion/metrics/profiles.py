@@ -171,17 +171,19 @@ def shared_sources(fused: Tensor, *sources: Tensor) -> Iterator[None]:
         _SOURCES.reset(token)
 
 
-def per_source(source: Tensor, key: Hashable, compute: Callable[[], T]) -> T:
-    """``compute()``, computed once per ``(source, key)`` inside :func:`shared_sources` for a shared source.
+def per_source(sources: Tensor | tuple[Tensor, ...], key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, computed once per ``(sources, key)`` inside :func:`shared_sources` when every one of
+    ``sources`` is shared (a term of both sources, such as their SSIM map, passes both).
 
-    ``source`` is the caller's input tensor (not a prepared copy); ``key`` names everything else the result
-    depends on (metric, profile, working shape). Callers must not modify the result in place.
+    ``sources`` are the caller's input tensors (not prepared copies); ``key`` names everything else the
+    result depends on (metric, profile, working shape). Callers must not modify the result in place.
     """
     state = _SOURCES.get()
-    if state is None or id(source) not in state[0]:
+    ids = tuple(id(x) for x in (sources if isinstance(sources, tuple) else (sources,)))
+    if state is None or not all(i in state[0] for i in ids):
         return compute()
     values = state[1]
-    slot = (id(source), key)
+    slot = (ids, key)
     if slot not in values:
         values[slot] = compute()
     return values[slot]

@@ -378,7 +378,7 @@ def qw(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
     if profile == "mefb":
         if min(f.shape[-2:]) < 11:
             raise ValueError(f"Qw (mefb) needs both image sides >= 11 pixels; got {tuple(f.shape[-2:])}")
-        return channel_mean(qw_edge(f, xa, xb))
+        return channel_mean(qw_edge(f, xa, xb, (a, b)))
     return channel_mean(_piella(xa, xb, f, weighted=True))
 
 
@@ -418,7 +418,7 @@ def mef_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference")
     (:func:`fusion.metrics.windowed.mef_ssim_mefb`).
     """
     if profile == "mefb":
-        return mef_ssim_mefb(*prepare(profile, fused, a, b))
+        return mef_ssim_mefb(*prepare(profile, fused, a, b), (a, b))
     try:
         from fusion.losses import mef_ssim as _mef_ssim
     except ImportError as err:  # pragma: no cover - depends on the nets part being present

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion.metrics._utils import box_filter_valid, channel_mean, filter64, gaussian_1d, window_filter
-from fusion.metrics.profiles import matlab_rgb2gray, prepare
+from fusion.metrics.profiles import matlab_rgb2gray, per_source, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["mef_ssim_mefb", "qc", "qw_edge", "qy", "ssim_maps"]
@@ -30,25 +30,37 @@ def _flat(x: Tensor, size: int) -> Tensor:
     return F.max_pool2d(x, size, stride=1) == -F.max_pool2d(-x, size, stride=1)
 
 
+Stats = tuple[Tensor, Tensor, Tensor]
+
+
+def window_stats(x: Tensor, size: int, sigma: float, *, local_roundoff: bool = True) -> Stats:
+    """Windowed mean and variance of (B, C, H, W) x (Gaussian window, 'valid') and its exactly flat windows,
+    where the variance is exactly 0. ``local_roundoff`` as in :func:`ssim_maps`."""
+    x = x.to(torch.float64)
+    filt = window_filter if local_roundoff else filter64
+    mx, xx = filt(torch.cat([x, x * x], 1), gaussian_1d(size, sigma, device=x.device)).chunk(2, 1)
+    flat = _flat(x, size)
+    return mx, torch.where(flat, torch.zeros_like(mx), xx - mx * mx), flat
+
+
 def ssim_maps(
-    x: Tensor, y: Tensor, size: int, sigma: float, c1: float, c2: float, *, local_roundoff: bool = True
+    x: Tensor, y: Tensor, size: int, sigma: float, c1: float, c2: float, *, local_roundoff: bool = True,
+    stats_x: Stats | None = None, stats_y: Stats | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Wang's SSIM map of broadcastable (B, C, H, W) x, y with a Gaussian window, 'valid' (``filter2``).
 
-    Returns (ssim map, σ_x², σ_y², σ_xy); exactly flat windows get zero (co)variances. ``local_roundoff``
-    filters by direct convolution, whose round-off is local to each window as in MATLAB's ``filter2``
-    (needed where tiny constants make the map ill-conditioned, e.g. C = 2e-16); otherwise by FFT (faster,
-    round-off ~1e-16 of the image-wide scale).
+    Returns (ssim map, σ_x², σ_y², σ_xy), each with its own batch; exactly flat windows get zero
+    (co)variances. ``local_roundoff`` filters by direct convolution, whose round-off is local to each window
+    as in MATLAB's ``filter2`` (needed where tiny constants make the map ill-conditioned, e.g. C = 2e-16);
+    otherwise by FFT (faster, round-off ~1e-16 of the image-wide scale). ``stats_x``/``stats_y``: their
+    :func:`window_stats`, when already known (a source's, shared by every fused image).
     """
-    x, y = torch.broadcast_tensors(x.to(torch.float64), y.to(torch.float64))
-    win = gaussian_1d(size, sigma, device=x.device)
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    mx, vx, fx = stats_x if stats_x is not None else window_stats(x, size, sigma, local_roundoff=local_roundoff)
+    my, vy, fy = stats_y if stats_y is not None else window_stats(y, size, sigma, local_roundoff=local_roundoff)
     filt = window_filter if local_roundoff else filter64
-    mx, my, xx, yy, xy = filt(torch.cat([x, y, x * x, y * y, x * y], 1), win).chunk(5, 1)
-    fx, fy = _flat(x, size), _flat(y, size)
-    zero = torch.zeros_like(mx)
-    vx = torch.where(fx, zero, xx - mx * mx)
-    vy = torch.where(fy, zero, yy - my * my)
-    vxy = torch.where(fx | fy, zero, xy - mx * my)
+    xy = filt(x * y, gaussian_1d(size, sigma, device=x.device))
+    vxy = torch.where(fx | fy, torch.zeros_like(xy), xy - mx * my)
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s, vx, vy, vxy
 
@@ -59,9 +71,14 @@ def _mean_finite(x: Tensor) -> Tensor:
     return torch.where(ok, x, torch.zeros_like(x)).sum(dim=(-2, -1)) / ok.sum(dim=(-2, -1))
 
 
-def _yang(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _yang(x: Tensor, y: Tensor, stats_x: Stats | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Liu's ``ssim_yang``: Gaussian 7/1.5, 'valid', C1 = C2 = 2e-16."""
-    return ssim_maps(x, y, 7, 1.5, YANG_C, YANG_C)
+    return ssim_maps(x, y, 7, 1.5, YANG_C, YANG_C, stats_x=stats_x)
+
+
+def _yang_stats(source: Tensor, x: Tensor, profile: str) -> Stats:
+    """:func:`window_stats` of a source for :func:`_yang`, once per shared source."""
+    return per_source(source, ("yang", profile, x.shape), lambda: window_stats(x, 7, 1.5))
 
 
 def _check(f: Tensor, need: int, name: str) -> None:
@@ -83,8 +100,8 @@ def qc(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
     """
     f, xa, xb = prepare(profile, fused, a, b)
     _check(f, 11, "Qc")
-    sa, _, _, caf = _yang(xa, f)
-    sb, _, _, cbf = _yang(xb, f)
+    sa, _, _, caf = _yang(xa, f, _yang_stats(a, xa, profile))
+    sb, _, _, cbf = _yang(xb, f, _yang_stats(b, xb, profile))
     mu = caf / (caf + cbf)
     sim = mu * sa + (1 - mu) * sb
     sim = torch.where(mu < 0, torch.zeros_like(sim), torch.where(mu > 1, torch.ones_like(sim), sim))
@@ -107,9 +124,13 @@ def qy(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> Te
     """
     f, xa, xb = prepare(profile, fused, a, b)
     _check(f, 11, "Qy")
-    sab, va, vb, _ = _yang(xa, xb)
-    saf = _yang(xa, f)[0]
-    sbf = _yang(xb, f)[0]
+    stats_a, stats_b = _yang_stats(a, xa, profile), _yang_stats(b, xb, profile)
+    sab, va, vb, _ = per_source(
+        (a, b), ("Qy", profile, xa.shape, xb.shape),
+        lambda: ssim_maps(xa, xb, 7, 1.5, YANG_C, YANG_C, stats_x=stats_a, stats_y=stats_b),
+    )
+    saf = _yang(xa, f, stats_a)[0]
+    sbf = _yang(xb, f, stats_b)[0]
     lam = va / (va + vb)
     redundant = sab >= 0.75
     q = torch.where(redundant, lam * saf + (1 - lam) * sbf, torch.maximum(saf, sbf))
@@ -127,35 +148,47 @@ def _prewitt_magnitude(x: Tensor) -> Tensor:
     return torch.sqrt(gx * gx + gy * gy)
 
 
-def qw_edge(f: Tensor, xa: Tensor, xb: Tensor) -> Tensor:
+def qw_edge(f: Tensor, xa: Tensor, xb: Tensor, sources: tuple[Tensor, Tensor]) -> Tensor:
     """MEFB's "Qw": Piella's weighted index Qw computed on edge images only, per (B, C).
 
     Edge images: the 3×3 Prewitt magnitude. On them, with Wang's SSIM (Gaussian 11/1.5, K = (0.01, 0.03),
     L = 255, 'valid'): σ_A², σ_B² (both + 0.5 where their sum is 0), λ = σ_A²/(σ_A² + σ_B²),
     c = max(σ_A², σ_B²)/Σ max(σ_A², σ_B²), Qw = Σ c·(λ·SSIM(F′,A′) + (1 − λ)·SSIM(F′,B′)).
+    ``sources`` are the ``mefb`` profile's input tensors behind ``xa``, ``xb`` (:func:`per_source`).
     """
-    ea, eb, ef = _prewitt_magnitude(xa), _prewitt_magnitude(xb), _prewitt_magnitude(f)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    _, va, vb, _ = ssim_maps(ea, eb, 11, 1.5, c1, c2, local_roundoff=False)
-    both_zero = (va + vb) == 0
-    va, vb = va + 0.5 * both_zero, vb + 0.5 * both_zero
-    lam = va / (va + vb)
-    sa = ssim_maps(ef, ea, 11, 1.5, c1, c2, local_roundoff=False)[0]
-    sb = ssim_maps(ef, eb, 11, 1.5, c1, c2, local_roundoff=False)[0]
-    cw = torch.maximum(va, vb)
+
+    def edge_terms(x: Tensor) -> tuple[Tensor, Stats]:
+        e = _prewitt_magnitude(x)
+        return e, window_stats(e, 11, 1.5, local_roundoff=False)
+
+    (ea, stats_a), (eb, stats_b) = (per_source(src, ("Qw", "mefb", x.shape), lambda x=x: edge_terms(x))
+                                    for src, x in zip(sources, (xa, xb)))
+
+    def weights() -> tuple[Tensor, Tensor]:
+        va, vb = stats_a[1], stats_b[1]
+        both_zero = (va + vb) == 0
+        va, vb = va + 0.5 * both_zero, vb + 0.5 * both_zero
+        return va / (va + vb), torch.maximum(va, vb)
+
+    lam, cw = per_source(sources, ("Qw", "mefb", xa.shape, xb.shape), weights)
+    ef = _prewitt_magnitude(f)
+    stats_f = window_stats(ef, 11, 1.5, local_roundoff=False)
+    sa = ssim_maps(ef, ea, 11, 1.5, c1, c2, local_roundoff=False, stats_x=stats_f, stats_y=stats_a)[0]
+    sb = ssim_maps(ef, eb, 11, 1.5, c1, c2, local_roundoff=False, stats_x=stats_f, stats_y=stats_b)[0]
     cw, local = torch.broadcast_tensors(cw, lam * sa + (1 - lam) * sb)
     return (cw * local).sum(dim=(-2, -1)) / cw.sum(dim=(-2, -1))
 
 
-def _mef_ssim_level(seq: tuple[Tensor, Tensor], f: Tensor, gauss: Tensor, c: float) -> Tensor:
-    """Mean MEF-SSIM map at one scale (Ma et al. 2015 with the adaptive exponent), 11×11 windows, per (B, C).
+def _mef_source_terms(x1: Tensor, x2: Tensor, gauss: Tensor) -> tuple[Tensor, ...]:
+    """The fused-independent part of one MEF-SSIM scale (Ma et al. 2015 with the adaptive exponent, 11×11
+    windows): the sources, their flat windows, the weights a_k, the scale s and σ_x̂².
 
     Closed form of the patch algorithm: x̂ = s·Σ_k a_k (x_k − μ_k) with a_k = w_k/ed_k and s = max_k ed_k /
     ||Σ_k a_k (x_k − μ_k)||, so its Gaussian-weighted variance and covariance with F follow from the window
-    (co)variances of the sources. The bounds σ_x̂² ≤ max(g)·||x̂||² and |σ_x̂F| ≤ σ_x̂σ_F hold exactly and
-    are imposed to keep round-off bounded where ||Σ a_k (x_k − μ_k)|| is ~0.
+    (co)variances of the sources. The bound σ_x̂² ≤ max(g)·||x̂||² holds exactly and is imposed to keep
+    round-off bounded where ||Σ a_k (x_k − μ_k)|| is ~0.
     """
-    x1, x2 = seq
     n = 11
     nn = float(n * n)
     flat1, flat2 = _flat(x1, n), _flat(x2, n)
@@ -185,16 +218,29 @@ def _mef_ssim_level(seq: tuple[Tensor, Tensor], f: Tensor, gauss: Tensor, c: flo
     def gfilt(t: Tensor) -> Tensor:
         return filter64(t, gauss)
 
-    g1, g2, gf = gfilt(x1), gfilt(x2), gfilt(f)
+    g1, g2 = gfilt(x1), gfilt(x2)
     g11 = torch.where(flat1, zero, gfilt(x1 * x1) - g1 * g1)
     g22 = torch.where(flat2, zero, gfilt(x2 * x2) - g2 * g2)
     g12 = torch.where(flat1 | flat2, zero, gfilt(x1 * x2) - g1 * g2)
-    g1f = torch.where(flat1, zero, gfilt(x1 * f) - g1 * gf)
-    g2f = torch.where(flat2, zero, gfilt(x2 * f) - g2 * gf)
-    gff = (gfilt(f * f) - gf * gf).clamp(min=0)
     gmax = float(gauss.max() ** 2)
     var_r = (scale * scale * (a1 * a1 * g11 + a2 * a2 * g22 + 2 * a1 * a2 * g12)).clamp(min=0)
     var_r = torch.minimum(var_r, gmax * max_ed * max_ed)
+    return x1, x2, flat1, flat2, a1, a2, scale, var_r, g1, g2
+
+
+def _mef_ssim_level(terms: tuple[Tensor, ...], f: Tensor, gauss: Tensor, c: float) -> Tensor:
+    """Mean MEF-SSIM map at one scale from the sources' :func:`_mef_source_terms`, per (B, C): the
+    covariance of x̂ with F, bounded by |σ_x̂F| ≤ σ_x̂σ_F (exact, imposed against round-off)."""
+    x1, x2, flat1, flat2, a1, a2, scale, var_r, g1, g2 = terms
+
+    def gfilt(t: Tensor) -> Tensor:
+        return filter64(t, gauss)
+
+    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    gf = gfilt(f)
+    g1f = torch.where(flat1, zero, gfilt(x1 * f) - g1 * gf)
+    g2f = torch.where(flat2, zero, gfilt(x2 * f) - g2 * gf)
+    gff = (gfilt(f * f) - gf * gf).clamp(min=0)
     cov = scale * (a1 * g1f + a2 * g2f)
     bound = torch.sqrt(var_r * gff)
     cov = torch.maximum(torch.minimum(cov, bound), -bound)
@@ -214,25 +260,36 @@ def _halve(x: Tensor) -> Tensor:
 MEF_MS_WEIGHTS = (0.0448, 0.2856, 0.3001)
 
 
-def mef_ssim_mefb(f: Tensor, xa: Tensor, xb: Tensor) -> Tensor:
+def mef_ssim_mefb(f: Tensor, xa: Tensor, xb: Tensor, sources: tuple[Tensor, Tensor]) -> Tensor:
     """MEFB's MEF-SSIM: ``mef_ms_ssim`` of the ``rgb2gray`` (uint8-rounded) images, per (B,).
 
     Ma, Zeng & Wang (IEEE TIP 2015) with the adaptive structure exponent p = tan(πR/2) (R the patch
     consistency ||Σ_k (x_k − μ_k)|| / Σ_k ||x_k − μ_k||, p ≤ 10), contrast ed_k = ||x_k − μ_k|| + 0.001 on
     11×11 box patches, weights (ed_k/11)^p + eps, C = (0.03·255)², Gaussian 11/1.5 SSIM statistics; 3 scales
     (2×2 mean with symmetric border, then every other pixel), Q = Π_l Q_l^β_l with β ∝ (0.0448, 0.2856,
-    0.3001). Both image sides must be ≥ 44.
+    0.3001). Both image sides must be ≥ 44. ``sources`` are the ``mefb`` profile's input tensors behind
+    ``xa``, ``xb`` (:func:`per_source`).
     """
+    shapes = (xa.shape, xb.shape)
     f, xa, xb = (matlab_rgb2gray(t).to(torch.float64) for t in (f, xa, xb))
     _check(f, 44, "MEF_SSIM (mefb)")
-    f, xa, xb = torch.broadcast_tensors(f, xa, xb)
     gauss = gaussian_1d(11, 1.5, device=f.device)
     weights = torch.tensor(MEF_MS_WEIGHTS, dtype=torch.float64, device=f.device)
     weights = weights / weights.sum()
     c = (0.03 * 255) ** 2
-    score = torch.ones(f.shape[0], dtype=torch.float64, device=f.device)
-    for level in range(len(MEF_MS_WEIGHTS)):
+
+    def source_levels() -> list[tuple[Tensor, ...]]:
+        x1, x2 = xa, xb
+        levels = []
+        for level in range(len(MEF_MS_WEIGHTS)):
+            if level:
+                x1, x2 = _halve(x1), _halve(x2)
+            levels.append(_mef_source_terms(x1, x2, gauss))
+        return levels
+
+    score = torch.ones(max(f.shape[0], xa.shape[0], xb.shape[0]), dtype=torch.float64, device=f.device)
+    for level, terms in enumerate(per_source(sources, ("MEF_SSIM", "mefb", *shapes), source_levels)):
         if level:
-            f, xa, xb = _halve(f), _halve(xa), _halve(xb)
-        score = score * _mef_ssim_level((xa, xb), f, gauss, c)[:, 0] ** weights[level]
+            f = _halve(f)
+        score = score * _mef_ssim_level(terms, f, gauss, c)[:, 0] ** weights[level]
     return score
