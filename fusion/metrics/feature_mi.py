@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fusion.metrics._utils import channel_mean, sobel
-from fusion.metrics.profiles import prepare
+from fusion.metrics.profiles import per_source, prepare
 from fusion.metrics.registry import register_metric
 
 __all__ = ["fmi", "fmi_dct", "fmi_pixel", "matlab_sobel_edges", "window_nfmi"]
@@ -151,7 +151,9 @@ def fmi(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> T
     f, xa, xb = prepare(profile, fused, a, b)
     _check_size(f)
     table = _binary_table(str(f.device))
-    cf, ca, cb = (_codes(matlab_sobel_edges(t)) for t in (f, xa, xb))
+    cf = _codes(matlab_sobel_edges(f))
+    ca, cb = (per_source(src, ("FMI", profile, x.shape), lambda x=x: _codes(matlab_sobel_edges(x)))
+              for src, x in ((a, xa), (b, xb)))
     per_window = 0.5 * (table[ca, cf] + table[cb, cf])
     return channel_mean(per_window.mean(dim=(-2, -1)))
 
