@@ -442,7 +442,7 @@ def test_compute_metrics_chunks_give_the_batch_values(monkeypatch, batch_a, batc
     monkeypatch.setattr(registry, "shared_preparation", lambda: calls.append(1) or contextlib.nullcontext())
     f = textured(seed=35, batch=5)
     a, b = textured(seed=36, batch=batch_a), textured(seed=37, batch=batch_b)
-    every = ["EN", "MI", "VIF", "VIFF", "Qabf", "SSIM", "Qcb", "Qcv", "Qc", "Qy", "Qw", "Qp", "MEF_SSIM", "FMI"]
+    every = ["EN", "MI", "VIF", "VIFF", "Qabf", "Nabf", "SSIM", "Qcb", "Qcv", "Qc", "Qy", "Qw", "Qp", "MEF_SSIM", "FMI"]
     names = [n for n in every if profile in get_metric(n).profiles]
     chunked = compute_metrics(f, a, b, names, profile=profile)
     assert len(calls) == chunks

@@ -119,12 +119,15 @@ def nabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     ones = torch.ones_like(gf)
     terms = []
     grads = []
-    for x in (xa, xb):
+    def source_terms(x: Tensor) -> tuple[Tensor, ...]:
         g2x, gx, ax = _edges(x, "reflect", 1 / 8)
+        return g2x, gx, ax, torch.where(gx >= td, gx.pow(1.5), torch.full_like(gx, 0.001))
+
+    for src, x in ((a, xa), (b, xb)):
+        g2x, gx, ax, w = per_source(src, ("Nabf", profile, x.shape), lambda x=x: source_terms(x))
         g = _ratio(g2x, g2f, gx, gf, ones)
         ang = ((ax - af).abs() - HALF_PI).abs() * (2 / math.pi)
         q = torch.sqrt(nrg / (1 + torch.exp(-kg * (g - sg))) * (nra / (1 + torch.exp(-ka * (ang - sa)))))
-        w = torch.where(gx >= td, gx.pow(1.5), torch.full_like(gx, 0.001))
         terms.append((1 - q) * w)
         grads.append((gx, w))
     (ga, wa), (gb, wb) = grads

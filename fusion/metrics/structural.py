@@ -105,20 +105,26 @@ def ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     return channel_mean(total)
 
 
-def _ms_ssim_single(x: Tensor, f: Tensor) -> Tensor:
-    filt = _gaussian(11, 1.5, f.device, window_dtype(f.device))
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=f.device)
-    factors = []
+def _ms_ssim_levels(x: Tensor, filt: Filter) -> list[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """Per MS-SSIM scale the centred image and its :func:`_local_terms` (2×2 average pooling between
+    scales, zero padding on odd sizes)."""
+    levels = []
     for level in range(len(MS_SSIM_WEIGHTS)):
-        s_map, cs_map = _ssim_maps(_centred(x), _centred(f), filt, c1, c2)
-        if level < len(MS_SSIM_WEIGHTS) - 1:
-            factors.append(torch.relu(_mean64(cs_map)))
-            pad = [s % 2 for s in f.shape[-2:]]
-            x = F.avg_pool2d(x, kernel_size=2, padding=pad)
-            f = F.avg_pool2d(f, kernel_size=2, padding=pad)
-        else:
-            factors.append(torch.relu(_mean64(s_map)))
+        if level:
+            x = F.avg_pool2d(x, kernel_size=2, padding=[s % 2 for s in x.shape[-2:]])
+        xc = _centred(x)
+        levels.append((xc, _local_terms(xc, filt, 1.0)))
+    return levels
+
+
+def _ms_ssim_single(xs: list, fs: list, filt: Filter) -> Tensor:
+    """MS-SSIM of a source against F from both :func:`_ms_ssim_levels`."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=fs[0][0].device)
+    factors = []
+    for level, ((xc, terms_x), (fc, terms_f)) in enumerate(zip(xs, fs)):
+        s_map, cs_map = _ssim_maps(xc, fc, filt, c1, c2, 1.0, terms_x, terms_f)
+        factors.append(torch.relu(_mean64(cs_map if level < len(MS_SSIM_WEIGHTS) - 1 else s_map)))
     stacked = torch.stack(torch.broadcast_tensors(*factors), dim=0)
     return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0)
 
@@ -139,7 +145,13 @@ def ms_ssim(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") 
     f, xa, xb = prepare(profile, fused, a, b)
     if min(f.shape[-2:]) <= 160:
         raise ValueError(f"MS_SSIM needs both image sides > 160 pixels; got {tuple(f.shape[-2:])}")
-    return channel_mean(_ms_ssim_single(xa, f) + _ms_ssim_single(xb, f))
+    filt = _gaussian(11, 1.5, f.device, window_dtype(f.device))
+    fs = _ms_ssim_levels(f, filt)
+    total = 0
+    for source, x in ((a, xa), (b, xb)):
+        xs = per_source(source, ("MS_SSIM", profile, x.shape), lambda x=x: _ms_ssim_levels(x, filt))
+        total = total + _ms_ssim_single(xs, fs, filt)
+    return channel_mean(total)
 
 
 def _vif_channel(s1: Tensor, s2: Tensor, s12: Tensor, sigma_nsq: float, *, log: bool = True
