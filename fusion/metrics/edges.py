@@ -117,12 +117,14 @@ def nabf(fused: Tensor, a: Tensor, b: Tensor, *, profile: str = "reference") -> 
     nrg, kg, sg, nra, ka, sa, td = 0.9999, 19.0, 0.5, 0.9995, 22.0, 0.5, 2.0
     g2f, gf, af = _edges(f, "reflect", 1 / 8)
     ones = torch.ones_like(gf)
-    terms = []
-    grads = []
+
     def source_terms(x: Tensor) -> tuple[Tensor, ...]:
+        """A source's edges and its weights w (fused-independent)."""
         g2x, gx, ax = _edges(x, "reflect", 1 / 8)
         return g2x, gx, ax, torch.where(gx >= td, gx.pow(1.5), torch.full_like(gx, 0.001))
 
+    terms = []
+    grads = []
     for src, x in ((a, xa), (b, xb)):
         g2x, gx, ax, w = per_source(src, ("Nabf", profile, x.shape), lambda x=x: source_terms(x))
         g = _ratio(g2x, g2f, gx, gf, ones)
