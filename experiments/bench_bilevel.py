@@ -16,7 +16,11 @@ Times, side by side in one run on whatever device is present, BDL's DRDB fusion 
 * ``gn`` on the parameter path (exact rows, one pass per constraint: the "naive" implementation);
 * ``unrolled`` K = 1 and K = 3 on the image path;
 * ``*_graphs``: the same with ``train.cuda_graphs``, which on a GPU replays each constraint's estimator from a
-  CUDA graph (from the third iteration on; the default ``--warmup`` covers that).
+  CUDA graph (from the third iteration on; the default ``--warmup`` covers that);
+* ``floor_joint``, ``floor_gn``, ``floor_onevjp``: the fusion-net passes of ``joint``, ``gn`` and ``gn_onevjp``
+  alone (a forward with a graph of each batch the configuration fuses, then one backward over all of them
+  per parameter-space row it forms, with fixed random cotangents; no constraint pass, no update): the part of
+  each configuration's time that no scheduling of the constraint work can remove.
 
 Every configuration clips the upper gradient to norm 1. Per configuration it counts, per iteration, the
 lower-level optimiser updates, the upper updates and the fusion-net forwards (hooks), and reports the median
@@ -88,6 +92,17 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         "bi-level gn, bdl_released weights, reuse_lower_grads, with UL, CUDA graphs",
         "bilevel",
         {"hypergrad": "gn", "aggregate": "bdl_released", "reuse_lower_grads": True, "cuda_graphs": True},
+    ),
+    "floor_joint": ("fusion-net passes of joint alone: forward, one backward", "floor", {"streams": ("ll",)}),
+    "floor_gn": (
+        "fusion-net passes of gn alone: LL and UL forwards, one backward over both per row (K = 2)",
+        "floor",
+        {"streams": ("ll", "ul"), "per_row": True},
+    ),
+    "floor_onevjp": (
+        "fusion-net passes of gn_onevjp alone: LL and UL forwards, one backward over both",
+        "floor",
+        {"streams": ("ll", "ul")},
     ),
     "unrolled1": (
         "bi-level unrolled K=1, image path, with UL",
@@ -236,6 +251,27 @@ def bilevel_step(parts: dict, amp_dtype, ll: dict, ul: dict, **kw) -> Callable[[
     return run
 
 
+def fusion_passes(parts: dict, amp_dtype, batches: list[dict], rows: int = 1) -> Callable[[], None]:
+    """Only the fusion-net work of a configuration: a forward with a graph of each batch, then ``rows``
+    vector–Jacobian products over all of them into the net's parameters, as the step forms its rows (one per
+    constraint; one in all for a rule that reads no rows). A lower bound on that configuration's time."""
+    net = parts["net"]
+    params = [p for p in net.parameters() if p.requires_grad]
+    device_type = params[0].device.type
+    generator = torch.Generator().manual_seed(0)
+    cotangents: list[torch.Tensor] = []
+
+    def run() -> None:
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            fused = [_fused(net, batch) for batch in batches]
+        if not cotangents:   # drawn once: every iteration back-propagates the same vectors
+            cotangents.extend(torch.randn(z.shape, generator=generator).to(z) for z in fused)
+        for i in range(rows):
+            torch.autograd.grad(fused, params, cotangents, retain_graph=i < rows - 1)
+
+    return run
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -310,11 +346,14 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for label, kind, kw in (CONFIGS[k] for k in keys):
         parts = build(args, device, template)
-        run = (
-            joint_step(parts, amp_dtype, ll, ul)
-            if kind == "joint"
-            else bilevel_step(parts, amp_dtype, ll, ul, **kw)
-        )
+        if kind == "joint":
+            run = joint_step(parts, amp_dtype, ll, ul)
+        elif kind == "floor":
+            streams = {"ll": ll, "ul": ul}
+            rows = len(parts["constraints"]) if kw.get("per_row") else 1
+            run = fusion_passes(parts, amp_dtype, [streams[s] for s in kw["streams"]], rows)
+        else:
+            run = bilevel_step(parts, amp_dtype, ll, ul, **kw)
         runs[label] = (run, parts["counter"])
     try:
         results = measure(runs, device, args.warmup, args.iters)

@@ -781,7 +781,7 @@ def test_bench_bilevel_smoke(capsys):
     pytest.importorskip("segmentation_models_pytorch")
     from experiments.bench_bilevel import main
 
-    configs = "joint,gn,gn_lower,gn_param,unrolled1"  # unrolled K=3 adds double backward time, not coverage
+    configs = "joint,gn,gn_lower,gn_param,unrolled1,floor_gn"  # unrolled K=3 adds double backward time, not coverage
     main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs", configs,
           "--channels-last", "--profile", "1"])
     out = capsys.readouterr().out
@@ -789,9 +789,30 @@ def test_bench_bilevel_smoke(capsys):
     assert "| bi-level gn, param path (per-constraint passes), with UL |" in out
     row = next(line for line in out.splitlines() if line.startswith("| bi-level gn, image path"))
     assert row.split("|")[5:8] == [" 2 ", " 1 ", " 2 "]  # LL updates, UL updates, fusion forwards
+    floor = next(line for line in out.splitlines() if line.startswith("| fusion-net passes of gn alone"))
+    assert floor.split("|")[5:8] == [" 0 ", " 0 ", " 2 "]  # no update: the LL and UL forwards only
     assert "channels_last" in out.splitlines()[0]
     assert out.count("### profile of 1 iteration(s): ") == len(configs.split(","))
     assert "aten::convolution_backward" in out.split("### profile of 1 iteration(s): bi-level unrolled K=1")[1]
+
+
+def test_bench_floor_runs_one_backward_per_row_over_every_stream():
+    """``floor_gn`` times the fusion net's share of a ``gn`` iteration: one backward of each batch's graph per
+    row (2 streams × 2 rows here), nothing else."""
+    from experiments.bench_bilevel import _batch, fusion_passes
+    from fusion.nets import create_fusion_net
+
+    net = create_fusion_net("bdl_tiny")
+    backwards = []
+
+    def count_backwards(_module, _inputs, out: torch.Tensor) -> None:
+        out.register_hook(lambda _grad: backwards.append(1))
+
+    net.register_forward_hook(count_backwards)
+    batches = [_batch((16, 16), 2, seed, torch.device("cpu")) for seed in (1, 2)]
+    fusion_passes({"net": net}, None, batches, rows=2)()
+    assert len(backwards) == 4
+    assert all(p.grad is None for p in net.parameters())   # products only: nothing accumulates into .grad
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
