@@ -144,6 +144,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="bdl_tiny + critic_tiny + seg_tiny (smoke test)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute the fusion net's blocks in the backward pass (memory for time)")
+    parser.add_argument("--polyphase", choices=("auto", "on", "off"), default="auto",
+                        help="the BDL net's dense blocks on 2x2 polyphase components (net.kwargs.polyphase; auto: "
+                             "on the CPU only)")
     parser.add_argument("--channels-last", action="store_true",
                         help="NHWC nets (train.channels_last): no layout transposes around cuDNN's convolutions")
     parser.add_argument("--cudnn-benchmark", action="store_true",
@@ -326,17 +329,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.tiny:
         args.net, args.seg_encoder = "bdl_tiny", "tiny"
-        template = {
-            "net": create_fusion_net("bdl_tiny"),
-            "critic": create_task("critic_tiny"),
-            "seg": create_task("seg_tiny"),
-        }
-    else:
-        template = {
-            "net": create_fusion_net(args.net, **({"grad_checkpointing": True} if args.grad_checkpointing else {})),
-            "critic": create_task("critic"),
-            "seg": create_task("seg", arch="Unet", encoder_name=args.seg_encoder),
-        }
+    net_kwargs = {"grad_checkpointing": True} if args.grad_checkpointing else {}
+    if args.polyphase != "auto":
+        net_kwargs["polyphase"] = args.polyphase == "on"
+    try:
+        net = create_fusion_net(args.net, **net_kwargs)
+    except TypeError as err:
+        parser.error(f"--net {args.net}: {err}")
+    template = {
+        "net": net,
+        "critic": create_task("critic_tiny" if args.tiny else "critic"),
+        "seg": create_task("seg_tiny") if args.tiny else create_task("seg", arch="Unet", encoder_name=args.seg_encoder),
+    }
     template = {k: v.to(device) for k, v in template.items()}
     if args.channels_last:
         template = {k: v.to(memory_format=torch.channels_last) for k, v in template.items()}
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         f"bilevel step benchmark — {dev}, torch {torch.__version__}, net {args.net}, "
         f"seg Unet/{args.seg_encoder}, {args.size[0]}×{args.size[1]}, batch {args.batch}, amp {args.amp}, "
         f"{'channels_last, ' if args.channels_last else ''}{'cudnn.benchmark, ' if args.cudnn_benchmark else ''}"
-        f"{'grad checkpointing, ' if args.grad_checkpointing else ''}median of {args.iters} (warm-up {args.warmup})"
+        f"{'grad checkpointing, ' if args.grad_checkpointing else ''}"
+        f"{'' if args.polyphase == 'auto' else f'polyphase {args.polyphase}, '}median of {args.iters} (warm-up {args.warmup})"
     )
     print()
     print(

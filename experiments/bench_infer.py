@@ -72,7 +72,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--configs", help="comma-separated subset of: " + "; ".join(CONFIGS))
+    p.add_argument("--polyphase", choices=("auto", "on", "off"), default="auto",
+                   help="BDL nets: dense blocks on 2x2 polyphase components (auto: on the CPU only)")
     args = p.parse_args(argv)
+    net_kwargs = {} if args.polyphase == "auto" else {"polyphase": args.polyphase == "on"}
+    if net_kwargs:
+        try:
+            create_fusion_net(args.net, **net_kwargs)
+        except TypeError:
+            p.error(f"--polyphase: net {args.net!r} has no dilated blocks (the bdl nets have)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, what="--device")
@@ -88,14 +96,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     ir = torch.rand(args.batch, 1, height, width, generator=g).to(device)
     vis = torch.rand(args.batch, 3, height, width, generator=g).to(device)
-    print(f"{args.net} at {height}x{width}, batch {args.batch}, {device}"
+    print(f"{args.net}{'' if args.polyphase == 'auto' else f' (polyphase {args.polyphase})'} at {height}x{width}, "
+          f"batch {args.batch}, {device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} thread(s)'}, torch {torch.__version__}")
     print(f"| configuration | median ms / call | × {wanted[0]} |\n|---|---:|---:|")
     rows, base = [], None
     for name in wanted:
         options, _ = CONFIGS[name]
         torch.manual_seed(0)
-        net = create_fusion_net(args.net).to(device)
+        net = create_fusion_net(args.net, **net_kwargs).to(device)
         seconds = measure(Fuser(net, **options), ir, vis, args.iters, args.warmup)
         base = base if base is not None else seconds
         print(f"| {name} | {1e3 * seconds:.2f} | {seconds / base:.2f} |", flush=True)

@@ -783,7 +783,7 @@ def test_bench_bilevel_smoke(capsys):
 
     configs = "joint,gn,gn_lower,gn_param,unrolled1,floor_gn"  # unrolled K=3 adds double backward time, not coverage
     main(["--tiny", "--size", "16", "--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--configs", configs,
-          "--channels-last", "--profile", "1"])
+          "--channels-last", "--polyphase", "off", "--profile", "1"])
     out = capsys.readouterr().out
     assert "| joint (single-level) |" in out and "| bi-level unrolled K=1, image path, with UL |" in out
     assert "| bi-level gn, param path (per-constraint passes), with UL |" in out
@@ -791,7 +791,7 @@ def test_bench_bilevel_smoke(capsys):
     assert row.split("|")[5:8] == [" 2 ", " 1 ", " 2 "]  # LL updates, UL updates, fusion forwards
     floor = next(line for line in out.splitlines() if line.startswith("| fusion-net passes of gn alone"))
     assert floor.split("|")[5:8] == [" 0 ", " 0 ", " 2 "]  # no update: the LL and UL forwards only
-    assert "channels_last" in out.splitlines()[0]
+    assert "channels_last" in out.splitlines()[0] and "polyphase off" in out.splitlines()[0]
     assert out.count("### profile of 1 iteration(s): ") == len(configs.split(","))
     assert "aten::convolution_backward" in out.split("### profile of 1 iteration(s): bi-level unrolled K=1")[1]
 

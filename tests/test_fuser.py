@@ -54,3 +54,16 @@ def test_inference_benchmark_runs_on_the_cpu(capsys) -> None:
     assert [r["config"] for r in rows] == configs and all(r["seconds"] > 0 for r in rows)
     table = capsys.readouterr().out
     assert "× eager fp32" in table and all(f"| {c} |" in table for c in configs)
+
+
+def test_inference_benchmark_polyphase_switch(capsys) -> None:
+    """``--polyphase on|off`` picks the BDL blocks' layout (for a side-by-side GPU run); other nets refuse it."""
+    from experiments import bench_infer
+
+    bench_infer.main(["--device", "cpu", "--net", "bdl_tiny", "--size", "32x40", "--iters", "1", "--warmup", "0",
+                      "--configs", "eager fp32", "--polyphase", "off"])
+    assert capsys.readouterr().out.startswith("bdl_tiny (polyphase off) at 32x40")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_infer.main(["--device", "cpu", "--net", "moe_fusion_tiny", "--polyphase", "on"])
+    assert exit_info.value.code == 2
+    assert "--polyphase: net 'moe_fusion_tiny' has no dilated blocks" in capsys.readouterr().err

@@ -13,8 +13,10 @@ import torch
 from bilevel.registry import UnknownNameError
 from fusion.colour import luminance, to_image
 from fusion.losses import create_fusion_loss
+from fusion.nets import bdl as bdl_module
 from fusion.nets import create_fusion_net, fused_output, list_fusion_nets, register_fusion_net
 from fusion.nets import registry as registry_module
+from fusion.nets.bdl import from_phases, to_phases
 from fusion.nets.moe_fusion import NoisyTopKGate
 from fusion.nets.tc_moa import (
     _shift_mask,
@@ -163,6 +165,52 @@ def test_bdl_out_act(act, lo, hi):
             p.mul_(50)  # push the raw output well outside [0, 1]
         y = net(*_inputs(2, (16, 16), "cpu"))
     assert y.min() >= lo and y.max() <= hi
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bdl_polyphase_components_round_trip(channels_last):
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    phases = to_phases(x)
+    assert phases.shape == (8, 3, 3, 4)
+    assert phases.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for k, (p, q) in enumerate(itertools.product((0, 1), (0, 1))):
+        assert torch.equal(phases[2 * k : 2 * k + 2], x[..., p::2, q::2])
+    assert torch.equal(from_phases(phases), x)
+
+
+@pytest.mark.parametrize("size,checkpointing", [((12, 16), False), ((12, 16), True), ((13, 10), False)])
+def test_bdl_polyphase_blocks_equal_the_dilated_ones(size, checkpointing):
+    """The DRDBs on the 2×2 polyphase components compute the dilated convolutions' sums: the same output and
+    parameter gradients in float64 (odd sizes take the dilated path)."""
+    torch.manual_seed(0)
+    dilated = create_fusion_net("bdl_tiny", polyphase=False, grad_checkpointing=checkpointing).double()
+    phased = create_fusion_net("bdl_tiny", polyphase=True, grad_checkpointing=checkpointing).double()
+    phased.load_state_dict(dilated.state_dict())
+    ir, vis = (t.double() for t in _inputs(2, size, "cpu"))
+    outs, grads = [], []
+    for net in (dilated, phased):
+        out = net(ir, vis)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in net.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for g_phased, g_dilated in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_phased, g_dilated, rtol=1e-10, atol=1e-12)
+
+
+def test_bdl_polyphase_by_default_on_the_cpu_only(monkeypatch):
+    """``polyphase=None`` takes the components on the CPU (where the dilated backward is slow), not elsewhere."""
+    calls = []
+    monkeypatch.setattr(bdl_module, "to_phases", lambda x: calls.append(x.shape) or to_phases(x))
+    net = create_fusion_net("bdl_tiny")
+    ir, vis = _inputs(2, (16, 16), "cpu")
+    with torch.no_grad():
+        net(ir, vis)
+    assert calls == [(2, 8, 16, 16)]     # bdl_tiny: 8 channels after the head
+    net.to("meta")(ir.to("meta"), vis.to("meta"))
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------------------------------------ MoE gates
