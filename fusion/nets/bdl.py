@@ -20,12 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from fusion.colour import luminance
 from fusion.nets.registry import build_net, register_fusion_net
 
-__all__ = ["DRDB", "BDLFusionNet", "bdl", "bdl_tiny"]
+__all__ = ["DRDB", "BDLFusionNet", "bdl", "bdl_tiny", "from_phases", "to_phases"]
 
 OUT_ACTS = ("none", "sigmoid", "clamp")
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout to keep across the rearrangement (a channels_last net stays channels_last)."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 
