@@ -51,8 +51,7 @@ from experiments.config import ConfigError
 from experiments.logging_utils import OutputError, check_writable, output_guard
 from experiments.tables import md_escape, tex_escape
 from fusion.image_io import ImagePairError, image_size
-from fusion.metrics import cpu_chunks, get_metric, get_profile, list_metrics
-from fusion.metrics.profiles import shared_preparation, shared_sources
+from fusion.metrics import compute_metrics, get_metric, get_profile, list_metrics
 
 __all__ = [
     "STANDARD_METRICS",
@@ -292,21 +291,14 @@ def summarise(rows: Sequence[Mapping], methods: Sequence[str], names: Sequence[s
 
 def score_images(batch: torch.Tensor, a: torch.Tensor, b: torch.Tensor, names: Sequence[str], profile: str,
                  failures: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Each metric of ``names`` on fused ``batch`` (N, C, H, W) against sources ``a``, ``b``; a metric that
-    cannot run on these images (e.g. windows larger than the image) gives NaN and a note in ``failures``."""
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.no_grad(), shared_sources(batch, a, b):
-        for chunk in cpu_chunks(batch, a, b):
-            with shared_preparation():
-                for n in names:
-                    try:
-                        parts[n].append(get_metric(n)(*chunk, profile=profile).cpu())
-                    except (ValueError, NotImplementedError) as err:  # e.g. MS_SSIM on images ≤ 160 px
-                        if n not in failures:
-                            failures[n] = str(err)
-                            warnings.warn(f"{n}: {err}; writing NaN", stacklevel=2)
-                        parts[n].append(torch.full((chunk[0].shape[0],), math.nan, dtype=torch.float64))
-    return {n: torch.cat(v) for n, v in parts.items()}
+    """Each metric of ``names`` on fused ``batch`` (N, C, H, W) against sources ``a``, ``b``, returned on the CPU; a
+    metric that cannot run on these images (e.g. windows larger than the image) gives NaN, a warning and a note
+    in ``failures``."""
+    known = set(failures)
+    values = compute_metrics(batch, a, b, names, profile, failures=failures)
+    for n in [n for n in failures if n not in known]:
+        warnings.warn(f"{n}: {failures[n]}; writing NaN", stacklevel=2)
+    return {n: v.cpu() for n, v in values.items()}
 
 
 def _fmt(v: float, digits: int = 4) -> str:

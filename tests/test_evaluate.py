@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,19 @@ def test_ab_pairs_layout_with_the_mefb_profile(shared_data, tmp_path) -> None:
     assert sorted(r["image"] for r in rows) == ["Arno", "Balloons"]
     for r in rows:
         assert 0.0 < float(r["NMI"]) <= 2.0 and 0.0 <= float(r["Qncie"]) <= 1.0 and float(r["EN"]) > 0.0
+
+
+def test_score_images_writes_nan_and_warns_once_for_a_metric_that_cannot_run():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    fused, ir, vis = (torch.rand(n, 1, 64, 64, generator=g) for n in (2, 1, 1))  # MS-SSIM needs sides > 160
+    failures: dict[str, str] = {}
+    with pytest.warns(UserWarning, match="MS_SSIM: .*writing NaN"):
+        values = ev.score_images(fused, ir, vis, ["EN", "MS_SSIM"], "reference", failures)
+    assert list(failures) == ["MS_SSIM"] and torch.isnan(values["MS_SSIM"]).all()
+    assert torch.isfinite(values["EN"]).all() and values["EN"].device.type == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the second batch's NaN is already on record: no second warning
+        again = ev.score_images(fused, ir, vis, ["EN", "MS_SSIM"], "reference", failures)
+    assert torch.equal(again["EN"], values["EN"])

@@ -94,6 +94,18 @@ def test_compute_metrics_and_module():
     assert all(torch.isfinite(v).all() for k, v in every.items()), every
 
 
+def test_compute_metrics_records_a_metric_that_cannot_run_and_keeps_the_others():
+    f, a, b = textured(seed=1, batch=2), textured(seed=2), textured(seed=3)  # 64 px: MS-SSIM needs > 160
+    with pytest.raises(ValueError, match="MS_SSIM"):
+        compute_metrics(f, a, b, "EN,MS_SSIM")
+    failures: dict[str, str] = {}
+    out = compute_metrics(f, a, b, "EN,MS_SSIM", failures=failures)
+    assert list(out) == ["EN", "MS_SSIM"] and list(failures) == ["MS_SSIM"]
+    assert "MS_SSIM" in failures["MS_SSIM"]
+    assert torch.isnan(out["MS_SSIM"]).all() and out["MS_SSIM"].shape == (2,)
+    assert torch.equal(out["EN"], compute_metrics(f, a, b, "EN")["EN"])
+
+
 def test_batch_and_broadcast_consistency():
     f, a, b = textured(seed=1, batch=3), textured(seed=2), textured(seed=3)
     names = [n for n in list_metrics("reference") if n not in ("MS_SSIM", "MEF_SSIM")]

@@ -10,6 +10,7 @@ reason, so a table never contains a guessed value.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -150,6 +151,7 @@ def compute_metrics(
     b: Tensor,
     names: Iterable[str] | str | None = None,
     profile: str = "reference",
+    failures: dict[str, str] | None = None,
 ) -> dict[str, Tensor]:
     """Evaluate several metrics on one batch.
 
@@ -160,6 +162,9 @@ def compute_metrics(
         names: metric names (case-insensitive; a comma-separated string works too); ``None`` means every
             implemented metric that supports ``profile``.
         profile: metric profile.
+        failures: when given, a metric that cannot run on these images (``ValueError`` or
+            ``NotImplementedError``, e.g. windows larger than the image) gives NaN instead of raising, and its
+            first reason is recorded here under its name — one bad metric does not cost a table the others.
 
     Returns:
         ``{canonical name: Tensor (B,)}`` in the order asked for.
@@ -177,8 +182,21 @@ def compute_metrics(
     with torch.no_grad(), shared_sources(fused, a, b):
         for chunk in cpu_chunks(fused, a, b):
             with shared_preparation():
-                parts.append({s.name: s(*chunk, profile=profile) for s in specs})
+                parts.append({s.name: _evaluate(s, chunk, profile, failures) for s in specs})
     return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+
+def _evaluate(spec: MetricSpec, chunk: tuple[Tensor, Tensor, Tensor], profile: str,
+              failures: dict[str, str] | None) -> Tensor:
+    if failures is None:
+        return spec(*chunk, profile=profile)
+    try:
+        return spec(*chunk, profile=profile)
+    except (ValueError, NotImplementedError) as err:
+        failures.setdefault(spec.name, str(err))
+        fused = chunk[0]
+        return torch.full((fused.shape[0] if fused.dim() == 4 else 1,), math.nan, dtype=torch.float64,
+                          device=fused.device)
 
 
 def cpu_chunks(fused: Tensor, a: Tensor, b: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
