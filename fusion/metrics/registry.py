@@ -188,11 +188,11 @@ def compute_metrics(
 
 def _evaluate(spec: MetricSpec, chunk: tuple[Tensor, Tensor, Tensor], profile: str,
               failures: dict[str, str] | None) -> Tensor:
-    if failures is None:
-        return spec(*chunk, profile=profile)
     try:
         return spec(*chunk, profile=profile)
     except (ValueError, NotImplementedError) as err:
+        if failures is None:
+            raise
         failures.setdefault(spec.name, str(err))
         fused = chunk[0]
         return torch.full((fused.shape[0] if fused.dim() == 4 else 1,), math.nan, dtype=torch.float64,
